@@ -1,0 +1,1 @@
+"""Shard tools: build, synth, verify, stats, inspect, dedup, split, train-tokenizer."""

@@ -1,0 +1,262 @@
+"""Crash-safe WebDataset shard writing, with `manifest.parquet` and `dataset.json`.
+
+Every shard is written under a temporary name, fsynced, then renamed: a killed build never leaves
+a final-named partial shard (webdataset's own ShardWriter writes straight to the final name).
+Tar members carry fixed metadata (mtime 0, uid 0, mode 0644) so the same samples always give the
+same bytes and the same sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmtrain.data.schema import Document, check_name, parse_sample
+
+DATASET_SCHEMA_VERSION = 1
+MANIFEST = "manifest.parquet"
+DATASET_JSON = "dataset.json"
+
+# Rough token estimates for the manifest (exact counts depend on the model's media geometry).
+EST_TOKENS_PER_IMAGE = 18
+EST_TOKENS_PER_AUDIO = 27
+
+MANIFEST_SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("bytes", pa.int64()),
+    ("modalities", pa.list_(pa.string())),
+    ("n_images", pa.int32()),
+    ("n_audio", pa.int32()),
+    ("text_chars", pa.int64()),
+    ("est_tokens_text", pa.int64()),
+    ("est_tokens_image", pa.int64()),
+    ("est_tokens_audio", pa.int64()),
+    ("content_hash", pa.string()),
+    ("source_row", pa.string()),
+])
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(members: dict[str, bytes]) -> str:
+    """Hash of a sample's content, for exact dedup: its ordered segments (texts and media bytes).
+
+    Independent of the key, the member names and the KEY.json metadata, so the same caption and
+    image found in two sources under other keys (and other metadata) hash the same.
+    """
+    return document_hash(parse_sample("k", members))
+
+
+def document_hash(doc: Document) -> str:
+    h = hashlib.sha256()
+    for seg in doc.segments:
+        data = seg.text.encode("utf-8") if seg.type == "text" else seg.data
+        h.update(seg.type.encode() + b"\0" + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def manifest_row(doc: Document, *, shard: str, nbytes: int, chash: str,
+                 source_row: str) -> dict[str, Any]:
+    n_images = sum(s.type == "image" for s in doc.segments)
+    n_audio = sum(s.type == "audio" for s in doc.segments)
+    text = "".join(s.text for s in doc.segments if s.type == "text")
+    return {
+        "shard": shard, "key": doc.key, "bytes": nbytes, "modalities": doc.modalities,
+        "n_images": n_images, "n_audio": n_audio, "text_chars": len(text),
+        "est_tokens_text": len(text.encode("utf-8")),
+        "est_tokens_image": n_images * EST_TOKENS_PER_IMAGE,
+        "est_tokens_audio": n_audio * EST_TOKENS_PER_AUDIO,
+        "content_hash": chash, "source_row": source_row,
+    }
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    name: str
+    sha256: str
+    samples: int
+    bytes: int
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes], str]]
+                ) -> tuple[ShardInfo, list[dict[str, Any]]]:
+    """Write one tar shard atomically. `samples` yields (key, {suffix: bytes}, source_row).
+
+    Returns the shard's info and its manifest rows. Each sample is validated with the same parser
+    the loader uses, so a shard never holds a sample the loader cannot read.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rows: list[dict[str, Any]] = []
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as raw:
+            hashing = _HashingWriter(raw, h)
+            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for key, members, source_row in samples:
+                    doc = parse_sample(key, members)
+                    nbytes = 0
+                    for suffix in sorted(members, key=_member_order):
+                        check_name(suffix, "member")
+                        data = members[suffix]
+                        info = tarfile.TarInfo(f"{key}.{suffix}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644
+                        info.uid = info.gid = 0
+                        info.uname = info.gname = ""
+                        tar.addfile(info, io.BytesIO(data))
+                        nbytes += len(data)
+                    rows.append(manifest_row(doc, shard=path.name, nbytes=nbytes,
+                                             chash=document_hash(doc), source_row=source_row))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ShardInfo(path.name, h.hexdigest(), len(rows), path.stat().st_size), rows
+
+
+def tar_member_bytes(key: str, members: dict[str, bytes]) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member plus its data padded to 512."""
+    return sum(512 + -(-len(data) // 512) * 512 for data in members.values())
+
+
+def tar_file_bytes(member_bytes: int) -> int:
+    """Size of a `w|` tar holding `member_bytes` of members: end blocks, padded to a record."""
+    return -(-(member_bytes + 2 * 512) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset grouping: the key is everything before the first '.' of the base name."""
+    directory, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), suffix
+
+
+def iter_tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar stream as (key, {suffix: bytes}), grouping consecutive members by key.
+
+    Only regular files are read (no links, no devices) and nothing is extracted to disk. Members
+    without a suffix are skipped. Tar errors (truncated, corrupt) propagate to the caller.
+    """
+    key, members = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            member_key, suffix = split_member_name(info.name)
+            if not suffix:
+                continue
+            if member_key != key and members:
+                yield key, members
+                members = {}
+            key = member_key
+            members[suffix] = tar.extractfile(info).read()
+    if members:
+        yield key, members
+
+
+def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    with open(path, "rb") as f:
+        yield from iter_tar_groups(f)
+
+
+def _member_order(suffix: str) -> tuple[int, str]:
+    return (0 if suffix == "json" else 1, suffix)  # KEY.json first: readers see the layout first
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file object that hashes what passes through (one pass over the bytes)."""
+
+    def __init__(self, raw: Any, h: Any) -> None:
+        self.raw, self.h = raw, h
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.h.update(b)
+        return self.raw.write(b)
+
+
+def write_dataset_index(out_dir: Path, shards: list[ShardInfo], rows: list[dict[str, Any]],
+                        **extra: Any) -> dict[str, Any]:
+    """Write manifest.parquet and dataset.json (atomically) for the shards in `out_dir`."""
+    shards = sorted(shards, key=lambda s: s.name)
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: (r["shard"], r["key"])),
+                                 schema=MANIFEST_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(out_dir / MANIFEST, buf.getvalue().to_pybytes())
+    fingerprint = hashlib.sha256(
+        "".join(f"{s.name}:{s.sha256}\n" for s in shards).encode()).hexdigest()
+    index = {
+        "schema_version": DATASET_SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "shards": [dataclasses.asdict(s) for s in shards],
+        "totals": {"shards": len(shards), "samples": sum(s.samples for s in shards),
+                   "bytes": sum(s.bytes for s in shards)},
+        **extra,
+    }
+    atomic_write_bytes(out_dir / DATASET_JSON, (json.dumps(index, indent=2) + "\n").encode())
+    return index
+
+
+def read_dataset_index(directory: str | Path) -> dict[str, Any]:
+    """Read and sanity-check a dataset.json; errors name the file and the field."""
+    path = Path(directory) / DATASET_JSON
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: build shards with `mmtrain data build` or "
+                         "`mmtrain data synth`")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    for field in ("schema_version", "fingerprint", "shards", "totals"):
+        if field not in index:
+            raise ValueError(f"{path}: missing field {field!r}")
+    if index["schema_version"] != DATASET_SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {index['schema_version']} is not "
+                         f"{DATASET_SCHEMA_VERSION}")
+    for i, shard in enumerate(index["shards"]):
+        for field in ("name", "sha256", "samples", "bytes"):
+            if field not in shard:
+                raise ValueError(f"{path}: shards[{i}] lacks field {field!r}")
+        check_name(shard["name"], "shard name")
+    return index

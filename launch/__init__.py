@@ -1,0 +1,1 @@
+"""Launching ranks: locally (torchrun), multi-node (torchrun, DeepSpeed hostfile, SLURM)."""

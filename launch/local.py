@@ -1,0 +1,81 @@
+"""`mmtrain train`: N ranks on this machine through torchrun (torch.distributed.run).
+
+Everything that can fail fast happens here, before any rank starts: the config is validated, the
+demo corpus is built if it is missing, and the resolved config is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mmtrain.config import RunConfig, save_config
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_demo_data(cfg: RunConfig) -> None:
+    """Build the embedded demo corpus through data_tools if the configured shards are absent."""
+    train_dir = Path(cfg.data.train)
+    if (train_dir / "dataset.json").is_file():
+        return
+    if not cfg.data.synth_if_missing:
+        raise ValueError(f"data.train={cfg.data.train!r} holds no dataset.json (and "
+                         "data.synth_if_missing is false)")
+    if not cfg.data.val or Path(cfg.data.val).parent != train_dir.parent:
+        raise ValueError("data.synth_if_missing builds ROOT/train and ROOT/val: set data.train and "
+                         "data.val to two sibling directories, or build the shards yourself")
+    from data_tools.synth import synth_corpus
+
+    print(f"building the demo corpus ({cfg.data.synth_samples} samples) in {train_dir.parent} ...",
+          flush=True)
+    train, val = synth_corpus(train_dir.parent, samples=cfg.data.synth_samples,
+                              seed=cfg.data.synth_seed, shards=max(8, cfg.data.num_streams))
+    print(f"  train: {train['totals']['samples']} samples in {train['totals']['shards']} shards; "
+          f"val: {val['totals']['samples']} samples", flush=True)
+
+
+def device_kind(cfg: RunConfig) -> str:
+    if cfg.launch.device != "auto":
+        return cfg.launch.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> int:
+    ensure_demo_data(cfg)
+    run_dir = cfg.train.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    save_config(cfg, config_path)
+    nproc = cfg.launch.nproc
+    kind = device_kind(cfg)
+    if kind == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"launch.nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
+    threads = cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if kind == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "mmtrain.train",
+           "--config-json", str(config_path)]
+    if fresh:
+        cmd.append("--fresh")
+    if resume:
+        cmd += ["--resume", resume]
+    print(f"starting {nproc} {kind.upper()} ranks; run directory {run_dir}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def resolved_summary(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,75 @@
+"""The `mmtrain` command: train, data …, eval, … (each subcommand's code lives with its concern)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmtrain.config import load_config
+
+USAGE = """mmtrain <command> [options]
+
+commands:
+  train      train (no arguments: the tiny text+image+audio demo on 2 CPU ranks)
+  data       shard tools: build, synth, verify, stats, inspect, dedup, split, train-tokenizer
+  eval       evaluate a checkpoint (val loss, media gain)
+
+`mmtrain <command> --help` explains each.
+"""
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (default: the embedded tiny demo = configs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set engine.lr=3e-4 (repeatable)")
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mmtrain train", description=(
+        "Train on this machine's ranks. Resumes from the newest committed checkpoint of the run "
+        "unless --fresh. The demo corpus is built first if it is missing."))
+    add_config_args(p)
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--resume", help="resume from this checkpoint (step_XXXXXXXX or a path)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from launch.local import resolved_summary, run_local
+
+    if args.dry_run:
+        print(resolved_summary(cfg))
+        return 0
+    return run_local(cfg, fresh=args.fresh, resume=args.resume)
+
+
+def cmd_data(argv: list[str]) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            argv = ["train"]  # `mmtrain` alone is not a command; print help
+            print(USAGE)
+            return 0
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"mmtrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except ValueError as e:  # user errors: one clear line, no traceback
+        print(f"mmtrain {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

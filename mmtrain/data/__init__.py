@@ -1,0 +1,1 @@
+"""The data pipeline: shards → logical streams → decode → tokenize → pack → Batch."""

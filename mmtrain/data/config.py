@@ -1,0 +1,82 @@
+"""Configuration of the data pipeline (shards → logical streams → decode → pack → Batch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MediaSpec:
+    """The media geometry the model expects; the loader decodes to exactly this.
+
+    Owned by the model config (`ModelConfig.media()`), handed to the loader as a runtime object.
+    """
+
+    image_size: int  # images are resized (aspect kept, letterboxed) to image_size × image_size
+    patch_size: int
+    audio_seconds: float  # clips are cropped / zero-padded to this duration
+    n_mels: int
+    audio_frames_per_token: int  # consecutive log-mel frames stacked into one audio token
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size * self.patch_size
+
+    @property
+    def audio_frames(self) -> int:
+        n = math.ceil(self.audio_seconds * self.sample_rate / self.hop_length)
+        return n - n % self.audio_frames_per_token  # whole tokens only
+
+    @property
+    def tokens_per_audio(self) -> int:
+        return self.audio_frames // self.audio_frames_per_token
+
+    @property
+    def audio_token_dim(self) -> int:
+        return self.n_mels * self.audio_frames_per_token
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards are and how they become packed rows."""
+
+    train: str = "data/demo/train"  # a directory holding dataset.json and its shards
+    val: str = "data/demo/val"  # held-out shards for evaluation ("" to skip)
+    synth_if_missing: bool = True  # build the demo corpus (`mmtrain data synth`) if absent
+    synth_samples: int = 4000
+    synth_seed: int = 0
+    tokenizer: str = "bytes"  # "bytes" or a tokenizer.json from `mmtrain data train-tokenizer`
+    seq_len: int = 512  # tokens per packed row
+    micro_batch_size: int = 8  # rows per rank per micro-step
+    num_streams: int = 8  # logical streams: fixed by the dataset, independent of ranks/workers
+    num_workers: int = 1  # decode worker processes per rank (0: decode in the training process)
+    shuffle_window: int = 64  # bounded sample shuffle, within a shard
+    seed: int = 0
+    long_docs: str = "split"  # a document longer than a row: "split" across rows, or "drop"
+    allow_data_change: bool = False  # resume even if the dataset fingerprint changed
+    max_consecutive_failures: int = 50  # stop, naming the shard, after this many bad samples in a row
+    max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"data.{key}={getattr(self, key)!r} {why}")
+
+        require(bool(self.train), "train", "must name a shard directory")
+        require(self.seq_len >= 16, "seq_len", "must be >= 16")
+        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        require(self.num_streams >= 1, "num_streams", "must be >= 1")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        require(self.shuffle_window >= 1, "shuffle_window", "must be >= 1")
+        require(self.long_docs in ("split", "drop"), "long_docs", "must be 'split' or 'drop'")
+        require(self.synth_samples >= 10, "synth_samples", "must be >= 10")
+        require(self.max_consecutive_failures >= 1, "max_consecutive_failures", "must be >= 1")
+        require(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")

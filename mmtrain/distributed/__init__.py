@@ -1,0 +1,1 @@
+"""Everything that touches DeepSpeed or torch.distributed lives here."""
