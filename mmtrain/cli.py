@@ -54,10 +54,6 @@ COMMANDS = {"train": cmd_train, "data": cmd_data}
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        if not argv:
-            argv = ["train"]  # `mmtrain` alone is not a command; print help
-            print(USAGE)
-            return 0
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]

@@ -19,7 +19,7 @@ import yaml
 
 from mmtrain.data.config import DataConfig
 from mmtrain.distributed.config import EngineConfig
-from mmtrain.model.config import ModelConfig
+from mmtrain.model.config import ModelConfig, preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -31,16 +31,19 @@ class TrainConfig:
 
     name: str = "tiny"  # run name: runs/NAME/
     runs_dir: str = "runs"
-    steps: int = 300
+    steps: int = 140  # total optimizer steps (the LR schedule spans them)
+    stop_after: int = 0  # >0: stop after this many steps in this invocation (checkpointed), e.g.
+    #                      to fit a time-limited allocation; the next start resumes
     seed: int = 1234
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 8
-    ckpt_every: int = 100
+    ckpt_every: int = 50
     keep_last: int = 3
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
+        _require(self.stop_after >= 0, "train.stop_after", self.stop_after, "must be >= 0")
         _require(self.log_every > 0, "train.log_every", self.log_every, "must be > 0")
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
         _require(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
@@ -154,6 +157,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}={value!r} must be a number")
         return float(value)
@@ -212,6 +220,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_yaml(path) if path is not None else {}
     for override in overrides or []:
         apply_override(data, override)
+    model = data.get("model")
+    if isinstance(model, dict) and "preset" in model:  # a preset's values, under explicit ones
+        data["model"] = {**dataclasses.asdict(preset(str(model["preset"]))), **model}
     return from_dict(RunConfig, data)
 
 

@@ -99,7 +99,8 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
 
     engine.train()
     last_saved = step
-    while step < cfg.train.steps:
+    stop_at = min(cfg.train.steps, step + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    while step < stop_at:
         t0 = time.perf_counter()
         loss, counts, data_wait = train_step(engine, loader, cfg.engine.grad_accum, device)
         step += 1
@@ -115,7 +116,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
             last_saved = step
     if last_saved != step:
         save(step)
-    result = run_eval(step) if val else {}
+    result = run_eval(step) if val and step == cfg.train.steps else {}
     if rank == 0:
         print(f"run directory: {run_dir}\ncheckpoint:    {run_dir / 'checkpoints'}/"
               f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()}\n"

@@ -28,6 +28,7 @@ class Batch:
     audio_index: torch.Tensor  # [n_audio · A] int64
     caption_mask: torch.Tensor  # [B, T] bool: the target is a caption token describing media
     counts: dict[str, int]  # text/image/audio/pad tokens, documents, rows (for metrics)
+    doc_keys: list = dataclasses.field(default_factory=list)  # (stream, key) of documents started
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

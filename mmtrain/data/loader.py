@@ -122,7 +122,7 @@ class LogicalStream:
                         continue
                     docs_in_epoch += 1
                     self.consecutive_failures = 0
-                    doc.pos = (epoch, cursor, k)
+                    doc.pos, doc.key = (epoch, cursor, k), raw["__key__"]
                     self.packer.add(doc, offset)
                     offset = 0
                     for row in self.packer.rows():
@@ -234,16 +234,18 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         iters = {s: streams[s].rows() for s in mine}
         emitted = {s: self.states[s].rows for s in mine}
         while True:
-            rows, states, skips = [], {}, []
+            rows, states, skips, keys = [], {}, [], []
             for _ in range(self.cfg.micro_batch_size):
                 s = min(mine, key=lambda s: (emitted[s], s))  # a pure function of the states
                 row, state, row_skips = next(iters[s])
                 emitted[s] += 1
                 rows.append(row)
+                keys += [(s, key) for key in row.keys]
                 states[s] = dataclasses.asdict(state)
                 skips += row_skips
             batch = collate_rows(rows, self.spec, image_token=self.tok.image,
                                  audio_token=self.tok.audio)
+            batch.doc_keys = keys
             yield LoaderItem(batch, states, skips)
 
 

@@ -32,6 +32,7 @@ class TokenizedDoc:
     caption: np.ndarray  # [L] bool: token belongs to a text segment that follows a media item
     media: list[tuple[str, int, np.ndarray]]  # (kind, start of the placeholder run, [n, dim])
     pos: tuple = ()  # where the document sits in its stream (opaque here; used for resume)
+    key: str = ""  # the sample key
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -81,6 +82,7 @@ class Row:
     # The last document part in the row: (doc.pos, tokens of that document consumed, finished?).
     # The next row starts right after it, so this is the exact resume point.
     end: tuple = ()
+    keys: list[str] = dataclasses.field(default_factory=list)  # documents that start in this row
 
 
 class Packer:
@@ -111,7 +113,7 @@ class Packer:
                 self._close_row()
             self._append(doc, 0, length)
             return
-        start = offset
+        start, was_split = offset, False
         while start < length:
             room = self.seq_len - self._fill
             stop = min(length, start + room)
@@ -120,12 +122,13 @@ class Packer:
                 if stop == start and self._fill == 0:  # a media span longer than a row
                     self.dropped_docs += 1
                     return
-                self.split_docs += 1
+                was_split = True
             if stop > start:
                 self._append(doc, start, stop)
             if stop < length or self._fill == self.seq_len:
                 self._close_row()
             start = stop
+        self.split_docs += was_split
 
     def _append(self, doc: TokenizedDoc, start: int, stop: int) -> None:
         self._parts.append((doc, start, stop))
@@ -168,7 +171,8 @@ class Packer:
         caption &= targets != IGNORE
         last_doc, _, last_stop = self._parts[-1]
         end = (last_doc.pos, last_stop, last_stop == len(last_doc))
-        self._done.append(Row(tokens, targets, positions, doc_lens, caption, media, at, end))
+        keys = [doc.key for doc, start, _ in self._parts if start == 0]
+        self._done.append(Row(tokens, targets, positions, doc_lens, caption, media, at, end, keys))
         self._parts, self._fill = [], 0
 
     def flush(self) -> None:

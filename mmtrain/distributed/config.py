@@ -11,7 +11,7 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 10
     decay: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings
     beta1: float = 0.9
