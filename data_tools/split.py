@@ -1,0 +1,44 @@
+"""`mmtrain data split`: train/ and val/ datasets from one dataset, by a hash of each key.
+
+A sample goes to val when sha256(f"{seed}:{key}"), read as a number in [0, 1), is below
+--val-fraction: reproducible, independent of shard order and worker count, and a sample keeps its
+side when the dataset grows. Samples are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from data_tools.dataset import Sample, iter_samples, prepare_output, source_rows, write_stream
+
+
+def is_val(key: str, val_fraction: float, seed: int = 0) -> bool:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split(directory: str, out: str, *, val_fraction: float, seed: int = 0,
+          max_samples: int = 10_000, max_bytes: int = 512 << 20,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Write out/train and out/val; returns their dataset.json contents."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction={val_fraction} must be in (0, 1)")
+    if Path(directory).resolve() in (Path(out, "train").resolve(), Path(out, "val").resolve()):
+        raise ValueError("split writes new datasets: OUT/train and OUT/val must not be the input")
+    sources = source_rows(directory)
+
+    def side(val: bool) -> Iterator[Sample]:  # one pass over the input per side
+        for shard, key, members in iter_samples(directory):
+            if is_val(key, val_fraction, seed) == val:
+                yield key, members, sources.get((shard, key), "")
+
+    result = {}
+    for name, val in (("train", False), ("val", True)):
+        target = prepare_output(Path(out) / name, overwrite=overwrite)
+        result[name] = write_stream(target, side(val), max_samples=max_samples,
+                                    max_bytes=max_bytes,
+                                    source={"split": {"input": directory, "side": name,
+                                                      "val_fraction": val_fraction, "seed": seed}})
+    return result
