@@ -164,11 +164,11 @@ class Checkpointer:
                 log.warning("refusing checkpoint: %s; trying an older one", e)
         return None
 
-    def load(self, ckpt: Path, *, load_engine: Callable[[str, str], None],
+    def load(self, ckpt: Path, *, load_engine: Callable[[str, str, int], None],
              load_loader: Callable[[list[dict[str, Any]]], None]) -> int:
         verify(ckpt)  # hashes first: nothing is unpickled from an unchecked file
         manifest = json.loads((ckpt / MANIFEST).read_text())
-        load_engine(str(ckpt.parent), ckpt.name)
+        load_engine(str(ckpt.parent), ckpt.name, int(manifest["world_size"]))
         states = [json.loads(p.read_text()) for p in sorted((ckpt / "loader").glob("rank_*.json"))]
         load_loader(states)
         rng = ckpt / "rng" / f"rank_{self.rank}.pt"

@@ -12,7 +12,10 @@ USAGE = """mmtrain <command> [options]
 commands:
   train      train (no arguments: the tiny text+image+audio demo on 2 CPU ranks)
   data       shard tools: build, synth, verify, stats, inspect, dedup, split, train-tokenizer
-  eval       evaluate a checkpoint (val loss, media gain)
+  launch     multi-node jobs: torchrun, DeepSpeed hostfile, SLURM; preflight; restarts
+  eval       evaluate a checkpoint (val loss, media gain, caption accuracy)
+  generate   continue a prompt (with --image / --audio) from a checkpoint
+  export     consolidated safetensors + config from a checkpoint
 
 `mmtrain <command> --help` explains each.
 """
@@ -48,7 +51,32 @@ def cmd_data(argv: list[str]) -> int:
     return data_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data}
+def cmd_launch(argv: list[str]) -> int:
+    from launch.cli import main as launch_main
+
+    return launch_main(argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from mmtrain.eval_cli import main as eval_main
+
+    return eval_main(argv)
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from mmtrain.generate import main as generate_main
+
+    return generate_main(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from mmtrain.export import main as export_main
+
+    return export_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "launch": cmd_launch, "eval": cmd_eval,
+            "generate": cmd_generate, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

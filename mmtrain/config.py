@@ -39,7 +39,11 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 8
     ckpt_every: int = 50
+    ckpt_minutes: float = 0.0  # >0: also save when this many minutes passed since the last save
     keep_last: int = 3
+    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (exit code 3)
+    spike_z: float = 6.0  # flag a loss above mean + spike_z·std (0 disables)
+    peak_tflops: float = 0.0  # per device, for MFU; 0: detect (known GPUs), not reported on CPU
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
@@ -48,6 +52,11 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
         _require(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
         _require(self.ckpt_every >= 0, "train.ckpt_every", self.ckpt_every, "must be >= 0")
+        _require(self.ckpt_minutes >= 0, "train.ckpt_minutes", self.ckpt_minutes, "must be >= 0")
+        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", self.max_skipped_steps,
+                 "must be >= 1")
+        _require(self.spike_z >= 0, "train.spike_z", self.spike_z, "must be >= 0")
+        _require(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "must be >= 0")
         _require(self.keep_last >= 2, "train.keep_last", self.keep_last, "must be >= 2")
         _require(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
                  "train.name", self.name, "must be a plain directory name")

@@ -31,18 +31,22 @@ class MetricsLogger:
                                      **values}) + "\n")
         self.jsonl.flush()
 
+    def begin(self, step: int) -> None:
+        """The loop starts (or resumes) at `step`: elapsed time and ETA count from here."""
+        self.start_step, self.start = step, time.monotonic()
+
     def progress(self, step: int, values: dict[str, Any]) -> None:
         """`step 40/300 | loss 2.8123 | 6,130 tok/s | elapsed 0:41 | eta 4:26`."""
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step, self.start = step - 1, time.monotonic() - values.get("step_time", 0)
         elapsed = time.monotonic() - self.start
-        done = step - self.start_step
+        done = step - (self.start_step or 0)
         eta = elapsed / done * (self.total_steps - step) if done > 0 else math.nan
         print(f"step {step}/{self.total_steps} | loss {values['loss']:.4f} | "
               f"lr {values['lr']:.2e} | {values['tokens_per_s']:,.0f} tok/s | "
-              f"elapsed {_hms(elapsed)} | eta {_hms(eta)}", flush=True)
+              + (f"mfu {values['mfu']:.1%} | " if "mfu" in values else "")
+              + (f"skipped {values['skipped_steps']:.0f} | " if values.get("skipped_steps") else "")
+              + f"elapsed {_hms(elapsed)} | eta {_hms(eta)}", flush=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -8,8 +8,12 @@ Reads top to bottom: set up → resume → loop of train_step with periodic log 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import math
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,8 @@ from mmtrain.data.loader import ShardLoader, eval_batches
 from mmtrain.data.tokenizer import build_tokenizer
 from mmtrain.distributed import deepspeed as ds
 from mmtrain.evaluate import evaluate
+from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag, StepFlags,
+                            parameters_finite)
 from mmtrain.metrics import MetricsLogger
 from mmtrain.model import FusionTransformer
 
@@ -73,7 +79,8 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     step = 0
     ckpt = None if fresh else checkpointer.find_resume(resume)
     if ckpt is not None:
-        step = checkpointer.load(ckpt, load_engine=lambda root, tag: ds.load_checkpoint(engine, root, tag),
+        step = checkpointer.load(ckpt, load_engine=lambda root, tag, saved_world: ds.load_checkpoint(
+                                     engine, root, tag, saved_world_size=saved_world),
                                  load_loader=loader.load_state_dict)
         log.info("resumed from %s at step %d", ckpt, step)
     elif rank == 0:
@@ -81,9 +88,13 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                  cfg.engine.zero_stage, cfg.engine.precision, cfg.model.num_params() / 1e6)
 
     def save(at: int) -> Path:
-        return checkpointer.save(
+        if not parameters_finite(engine.module.parameters()):
+            raise Diverged(f"step {at}: parameters are not finite; refusing to checkpoint them")
+        path = checkpointer.save(
             at, save_engine=lambda root, tag: ds.save_checkpoint(engine, root, tag, {"step": at}),
             loader_state=loader.state_dict(), config=cfg.to_dict())
+        flags.saved()
+        return path
 
     def run_eval(at: int) -> dict[str, float]:
         engine.module.eval()
@@ -92,73 +103,136 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         engine.module.train()
         metrics.log(at, result, prefix="val")
         if rank == 0:
-            print(f"eval @ step {at}: loss {result['loss']:.4f} | caption loss {result['caption_loss']:.4f} "
-                  f"(shuffled media {result['caption_loss_shuffled']:.4f}) | media gain "
-                  f"{result['media_gain']:+.4f} nats/caption token", flush=True)
+            print(f"eval @ step {at}: loss {result['loss']:.4f} | caption loss "
+                  f"{result['caption_loss']:.4f} (shuffled media {result['caption_loss_shuffled']:.4f})"
+                  f" | media gain {result['media_gain']:+.4f} nats/caption token", flush=True)
         return result
 
-    engine.train()
-    last_saved = step
+    preempt = PreemptionFlag()
+    flags = StepFlags(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX), cfg.train.ckpt_minutes, rank)
+    monitor = LossMonitor(max_consecutive=cfg.train.max_skipped_steps, spike_z=cfg.train.spike_z)
+    flops = cfg.model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(cfg.train.peak_tflops, device)
     stop_at = min(cfg.train.steps, step + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    last_saved = step
+    engine.train()
+    metrics.begin(step)
     while step < stop_at:
         t0 = time.perf_counter()
-        loss, counts, data_wait = train_step(engine, loader, cfg.engine.grad_accum, device)
+        out = train_step(engine, loader, cfg.engine.grad_accum, device, flags, preempt)
         step += 1
-        step_time = time.perf_counter() - t0
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            values = step_metrics(engine, loss, counts, data_wait, step_time, world)
+        if out.skipped:
+            monitor.skipped(step)
+        spike = not out.skipped and monitor.observe(step, out.loss)
+        if step % cfg.train.log_every == 0 or step == stop_at or out.skipped:
+            values = step_metrics(engine, out, time.perf_counter() - t0, world, flops, peak)
+            values.update(skipped_steps=monitor.skipped_total, loss_spike=float(spike),
+                          skipped_samples=float(loader.skipped), epoch=float(loader.epochs()))
             metrics.log(step, values)
             metrics.progress(step, values)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val:
             run_eval(step)
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+        if out.stop:  # SIGTERM / SIGUSR1 on some rank: save and leave cleanly
+            log.info("preemption signal: saving step %d and exiting", step)
+            save(step)
+            return {}
+        if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or out.save_due:
             save(step)
             last_saved = step
     if last_saved != step:
         save(step)
     result = run_eval(step) if val and step == cfg.train.steps else {}
     if rank == 0:
-        print(f"run directory: {run_dir}\ncheckpoint:    {run_dir / 'checkpoints'}/"
-              f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()}\n"
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        print(f"run directory: {run_dir}\ncheckpoint:    {run_dir / 'checkpoints' / latest}\n"
               f"tensorboard:   tensorboard --logdir {run_dir / 'tb'}", flush=True)
     metrics.close()
     dist.barrier()
     return result
 
 
-def train_step(engine, loader: ShardLoader, grad_accum: int, device: torch.device):
-    """One optimizer step: grad_accum micro-batches through the DeepSpeed engine."""
+@dataclasses.dataclass
+class StepOutput:
+    loss: float  # mean over this rank's micro-batches (nan when skipped)
+    counts: dict[str, int]
+    data_wait: float
+    skipped: bool  # a non-finite loss on some rank: no backward, no optimizer step
+    stop: bool  # a preemption signal reached some rank
+    save_due: bool  # the time-based checkpoint interval passed (rank 0's clock)
+
+
+def train_step(engine, loader: ShardLoader, grad_accum: int, device: torch.device,
+               flags: StepFlags, preempt: PreemptionFlag) -> StepOutput:
+    """One optimizer step: grad_accum micro-batches through the DeepSpeed engine.
+
+    Every micro-batch's loss is checked on all ranks before its backward: a non-finite one skips
+    the step, leaving parameters and optimizer state untouched (exact with grad_accum=1; with
+    accumulation, gradients of earlier micro-batches would already be reduced, so it stops the run).
+    """
     losses, counts, data_wait = [], {}, 0.0
-    for _ in range(grad_accum):
+    stop = save_due = False
+    for micro in range(grad_accum):
         t0 = time.perf_counter()
         batch = loader.next_batch().to(device)
         data_wait += time.perf_counter() - t0
-        loss = engine(batch)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach())
         for k, v in batch.counts.items():
             counts[k] = counts.get(k, 0) + v
-    return torch.stack(losses).mean(), counts, data_wait
+        loss = engine(batch)
+        nonfinite, stop_now, due_now = flags.agree(loss.detach(), preempt.set)
+        stop, save_due = stop or stop_now, save_due or due_now
+        if nonfinite:
+            if micro > 0:
+                raise Diverged("non-finite loss in a later micro-batch of an accumulated step; "
+                               "use engine.grad_accum=1 for exact step skipping")
+            return StepOutput(math.nan, counts, data_wait, True, stop, save_due)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())  # sync (already synced by the flags above)
+    return StepOutput(sum(losses) / len(losses), counts, data_wait, False, stop, save_due)
 
 
-def step_metrics(engine, loss: torch.Tensor, counts: dict[str, int], data_wait: float,
-                 step_time: float, world: int) -> dict[str, float]:
-    """Loss averaged over ranks, throughput summed over ranks (one all-reduce)."""
+def peak_flops(configured_tflops: float, device: torch.device) -> float:
+    """Peak dense bf16 FLOP/s of one device (0 when unknown: MFU is then not reported)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0)):
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+def step_metrics(engine, out: StepOutput, step_time: float, world: int, flops_per_token: float,
+                 peak: float) -> dict[str, float]:
+    """Loss averaged over ranks, throughput summed over ranks (one all-reduce).
+
+    MFU = tokens/s · (6·N + 12·L·d·T) / (peak FLOP/s · devices) (ModelConfig.flops_per_token).
+    """
     keys = ("real_tokens", "text_tokens", "image_tokens", "audio_tokens", "pad_tokens")
-    packed = torch.tensor([loss.item()] + [float(counts.get(k, 0)) for k in keys],  # sync
+    packed = torch.tensor([out.loss] + [float(out.counts.get(k, 0)) for k in keys] + [out.data_wait],
                           dtype=torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     total = packed.tolist()
     tokens = total[1]
-    return {
+    values = {
         "loss": total[0] / world, "lr": ds.current_lr(engine), "grad_norm": ds.grad_norm(engine),
         "tokens_per_s": tokens / step_time,
         **{f"{k.removesuffix('_tokens')}_tokens_per_s": v / step_time
            for k, v in zip(keys[1:4], total[2:5])},
         "packing_efficiency": tokens / max(1.0, tokens + total[5]),
-        "data_wait_pct": 100.0 * data_wait / step_time, "step_time": step_time,
+        "data_wait_pct": 100.0 * total[6] / world / step_time, "step_time": step_time,
+        "memory_gb": memory_gb(),
     }
+    if peak:
+        values["mfu"] = tokens / step_time * flops_per_token / (peak * world)
+    return values
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--resume", default=None)
     args = parser.parse_args(argv)
-    import json
     cfg = from_dict(RunConfig, json.loads(Path(args.config_json).read_text()))
-    train(cfg, fresh=args.fresh, resume=args.resume)
+    try:
+        train(cfg, fresh=args.fresh, resume=args.resume)
+    except Diverged as e:
+        log.error("training diverged: %s", e)
+        return EXIT_DIVERGED
     return 0
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmtrain.data.config import DataConfig
-from mmtrain.data.loader import LogicalStream, ShardLoader, ShardSet, StreamState
+from mmtrain.data.loader import LogicalStream, ShardLoader, StreamPlan, StreamState
 from mmtrain.data.tokenizer import ByteTokenizer
 from mmtrain.model import ModelConfig
 
@@ -60,7 +60,7 @@ def consumed_keys(loaders, steps):
 
 def stream_prefix(cfg, stream, n):
     """The first n documents logical stream `stream` yields when read uninterrupted."""
-    s = LogicalStream(stream, ShardSet(cfg.train), cfg, SPEC, TOK, StreamState())
+    s = LogicalStream(stream, StreamPlan(cfg), cfg, SPEC, TOK, StreamState())
     keys = []
     for row, _, _ in s.rows():
         keys += row.keys

@@ -48,7 +48,9 @@ class MediaSpec:
 class DataConfig:
     """Where the shards are and how they become packed rows."""
 
-    train: str = "data/demo/train"  # a directory holding dataset.json and its shards
+    train: str = "data/demo/train"  # a directory (or file:// / http(s):// base) with dataset.json
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # {dir: weight}: replaces train
+    allow_pipe: bool = False  # follow `pipe:` shard URLs (they run a shell command)
     val: str = "data/demo/val"  # held-out shards for evaluation ("" to skip)
     synth_if_missing: bool = True  # build the demo corpus (`mmtrain data synth`) if absent
     synth_samples: int = 4000
@@ -70,7 +72,12 @@ class DataConfig:
             if not ok:
                 raise ValueError(f"data.{key}={getattr(self, key)!r} {why}")
 
-        require(bool(self.train), "train", "must name a shard directory")
+        require(bool(self.train) or bool(self.mix), "train", "must name a shard directory")
+        for name, weight in self.mix.items():
+            if not weight > 0:
+                raise ValueError(f"data.mix.{name}={weight!r} must be > 0")
+        require(len(self.mix) <= self.num_streams, "mix",
+                f"has more datasets than data.num_streams={self.num_streams}")
         require(self.seq_len >= 16, "seq_len", "must be >= 16")
         require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         require(self.num_streams >= 1, "num_streams", "must be >= 1")

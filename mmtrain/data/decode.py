@@ -26,8 +26,9 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, str]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height, fmt = img.width, img.height, str(img.format)
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, ValueError,
-            SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise SampleError(f"image rejected from its header (decompression bomb): {e}") from None
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise SampleError(f"image header unreadable: {e}") from None
     if width <= 0 or height <= 0 or width * height > max_pixels:
         raise SampleError(f"image declares {width}x{height} pixels, over the "

@@ -21,6 +21,7 @@ Design (the resume semantics are ours; webdataset itself keeps no state):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -43,21 +44,71 @@ STATE_VERSION = 1
 
 
 class ShardSet:
-    """The shards of one dataset directory, as listed by its dataset.json."""
+    """The shards of one dataset, as listed by its dataset.json (a directory or a URL base)."""
 
-    def __init__(self, directory: str | Path) -> None:
-        from data_tools.shards import read_dataset_index  # the writer's reader: one format
-
-        self.directory = str(directory)
-        index = read_dataset_index(directory)
+    def __init__(self, base: str | Path, *, allow_pipe: bool = False) -> None:
+        self.directory = str(base).rstrip("/")
+        if self.directory.startswith("pipe:") and not allow_pipe:
+            raise ValueError(f"{base}: pipe: URLs run a shell command; set data.allow_pipe=true "
+                             "to follow them")
+        index = _read_index(self.directory)
         self.names = [s["name"] for s in index["shards"]]
         self.samples = [int(s["samples"]) for s in index["shards"]]
         self.fingerprint = index["fingerprint"]
-        base = self.directory.rstrip("/")
-        self.urls = [f"{base}/{name}" for name in self.names]
+        self.urls = [f"{self.directory}/{name}" for name in self.names]
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def _read_index(base: str) -> dict[str, Any]:
+    from data_tools.shards import read_dataset_index  # the writer's reader: one format
+
+    if "://" not in base and not base.startswith("pipe:"):
+        return read_dataset_index(base)
+    url = f"{base}/dataset.json"
+    try:
+        with webdataset.gopen(url) as f:
+            index = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{url}: cannot read the dataset index: {e}") from None
+    for field in ("fingerprint", "shards"):
+        if field not in index:
+            raise ValueError(f"{url}: missing field {field!r}")
+    return index
+
+
+class StreamPlan:
+    """Which dataset, and which share of its shards, each logical stream reads.
+
+    Several datasets mix by weight: each gets a number of logical streams proportional to its
+    weight (at least one). Consumers draw rows evenly from their streams, so over the run the
+    datasets contribute rows in proportion to their stream counts — deterministic, and resumable
+    like a single dataset. Streams of different datasets are interleaved so that consumers share
+    the mix.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        sources = cfg.mix or {cfg.train: 1.0}
+        self.sets = [ShardSet(base, allow_pipe=cfg.allow_pipe) for base in sources]
+        weights = np.asarray(list(sources.values()), float)
+        counts = np.maximum(1, np.floor(weights / weights.sum() * cfg.num_streams)).astype(int)
+        while counts.sum() < cfg.num_streams:  # largest remainder
+            counts[np.argmax(weights / weights.sum() * cfg.num_streams - counts)] += 1
+        while counts.sum() > cfg.num_streams:
+            counts[np.argmax(counts)] -= 1
+        self.counts = [int(c) for c in counts]
+        order = sorted((j / c, d, j) for d, c in enumerate(self.counts) for j in range(c))
+        self.streams = [(d, j) for _, d, j in order]  # logical stream → (dataset, local index)
+        parts = [f"{s.fingerprint}:{w}" for s, w in zip(self.sets, sources.values())]
+        self.fingerprint = self.sets[0].fingerprint if len(self.sets) == 1 else \
+            hashlib.sha256("|".join(parts).encode()).hexdigest()
+        self.names = list(sources)
+
+    def check(self, num_streams: int, consumers: int) -> None:
+        for name, shards, count in zip(self.names, self.sets, self.counts):
+            check_layout(len(shards), count, 1, name)
+        check_layout(num_streams, num_streams, consumers, " + ".join(self.names))
 
 
 @dataclasses.dataclass
@@ -95,9 +146,11 @@ def check_layout(num_shards: int, num_streams: int, consumers: int, what: str) -
 class LogicalStream:
     """One logical stream: shards → samples → documents → packed rows, with exact resume."""
 
-    def __init__(self, stream: int, shards: ShardSet, cfg: DataConfig, spec: MediaSpec,
+    def __init__(self, stream: int, plan: StreamPlan, cfg: DataConfig, spec: MediaSpec,
                  tokenizer: Tokenizer, state: StreamState, policy: str | None = None) -> None:
-        self.stream, self.shards, self.cfg, self.spec, self.tok = stream, shards, cfg, spec, tokenizer
+        self.stream, self.cfg, self.spec, self.tok = stream, cfg, spec, tokenizer
+        dataset, self.local = plan.streams[stream]
+        self.shards, self.local_streams = plan.sets[dataset], plan.counts[dataset]
         self.state = dataclasses.replace(state)
         self.packer = Packer(cfg.seq_len, pad_id=tokenizer.pad, policy=policy or cfg.long_docs,
                              placeholder_ids=(tokenizer.image, tokenizer.audio))
@@ -110,7 +163,7 @@ class LogicalStream:
         epoch, cursor, first_sample, offset = st.epoch, st.shard_cursor, st.sample, st.offset
         rows, skipped = st.rows, st.skipped
         while True:
-            shard_ids = stream_shards(len(self.shards), self.cfg.num_streams, self.stream, epoch,
+            shard_ids = stream_shards(len(self.shards), self.local_streams, self.local, epoch,
                                       self.cfg.seed)
             docs_in_epoch = 0
             while cursor < len(shard_ids):
@@ -190,8 +243,8 @@ class LogicalStream:
 
     def _read_tar(self, shard: int) -> Iterator[dict]:
         url = self.shards.urls[shard]
-        if url.startswith("pipe:"):
-            raise ValueError(f"{url}: pipe: URLs are not followed by the loader")
+        if url.startswith("pipe:") and not self.cfg.allow_pipe:
+            raise ValueError(f"{url}: pipe: URLs run a shell command; set data.allow_pipe=true")
         try:
             stream = webdataset.gopen(url)
         except (OSError, ValueError) as e:
@@ -216,10 +269,10 @@ class LoaderItem:
 class StreamingDataset(torch.utils.data.IterableDataset):
     """Yields ready batches (one rank's micro-batches) from the streams this consumer serves."""
 
-    def __init__(self, shards: ShardSet, cfg: DataConfig, spec: MediaSpec, tokenizer: Tokenizer,
+    def __init__(self, plan: StreamPlan, cfg: DataConfig, spec: MediaSpec, tokenizer: Tokenizer,
                  *, rank: int, world_size: int, states: dict[int, StreamState],
                  worker_offset: int) -> None:
-        self.shards, self.cfg, self.spec, self.tok = shards, cfg, spec, tokenizer
+        self.plan, self.cfg, self.spec, self.tok = plan, cfg, spec, tokenizer
         self.rank, self.world_size, self.states = rank, world_size, states
         self.worker_offset = worker_offset
 
@@ -229,7 +282,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         virtual = (worker + self.worker_offset) % workers
         mine = streams_of_consumer(self.cfg.num_streams, self.rank * workers + virtual,
                                    self.world_size * workers)
-        streams = {s: LogicalStream(s, self.shards, self.cfg, self.spec, self.tok, self.states[s])
+        streams = {s: LogicalStream(s, self.plan, self.cfg, self.spec, self.tok, self.states[s])
                    for s in mine}
         iters = {s: streams[s].rows() for s in mine}
         emitted = {s: self.states[s].rows for s in mine}
@@ -256,9 +309,9 @@ class ShardLoader:
                  world_size: int, quarantine: Path | None = None) -> None:
         self.cfg, self.spec, self.tok = cfg, spec, tokenizer
         self.rank, self.world_size = rank, world_size
-        self.shards = ShardSet(cfg.train)
+        self.plan = StreamPlan(cfg)
         workers = max(1, cfg.num_workers)
-        check_layout(len(self.shards), cfg.num_streams, world_size * workers, cfg.train)
+        self.plan.check(cfg.num_streams, world_size * workers)
         self.owned = [s for s in range(cfg.num_streams)
                       if (s % (world_size * workers)) // workers == rank]
         self.states = {s: StreamState() for s in self.owned}
@@ -282,7 +335,7 @@ class ShardLoader:
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
-        dataset = StreamingDataset(self.shards, self.cfg, self.spec, self.tok, rank=self.rank,
+        dataset = StreamingDataset(self.plan, self.cfg, self.spec, self.tok, rank=self.rank,
                                    world_size=self.world_size, states=dict(self.states),
                                    worker_offset=self.batches % max(1, workers))
         return torch.utils.data.DataLoader(
@@ -306,7 +359,7 @@ class ShardLoader:
 
     # ---- state
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "fingerprint": self.shards.fingerprint,
+        return {"version": STATE_VERSION, "fingerprint": self.plan.fingerprint,
                 "num_streams": self.cfg.num_streams, "seed": self.cfg.seed,
                 "rank": self.rank, "world_size": self.world_size, "batches": self.batches,
                 "streams": {str(s): dataclasses.asdict(self.states[s]) for s in self.owned}}
@@ -322,10 +375,10 @@ class ShardLoader:
                     f"loader state has num_streams={st['num_streams']}, seed={st['seed']}; the "
                     f"config has data.num_streams={self.cfg.num_streams}, data.seed={self.cfg.seed}. "
                     "Both must stay fixed for a run")
-            if st["fingerprint"] != self.shards.fingerprint and not self.cfg.allow_data_change:
+            if st["fingerprint"] != self.plan.fingerprint and not self.cfg.allow_data_change:
                 raise ValueError(
-                    f"the data in {self.cfg.train} changed since the checkpoint (fingerprint "
-                    f"{self.shards.fingerprint[:12]} != {st['fingerprint'][:12]}); set "
+                    f"the data in {' + '.join(self.plan.names)} changed since the checkpoint (fingerprint "
+                    f"{self.plan.fingerprint[:12]} != {st['fingerprint'][:12]}); set "
                     "data.allow_data_change=true to resume anyway")
             merged.update({int(s): StreamState(**v) for s, v in st["streams"].items()})
             if st["rank"] == self.rank and st["world_size"] == self.world_size:
@@ -349,9 +402,10 @@ def eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec, tokenizer:
                  rank: int, world_size: int, num_batches: int) -> list[Batch]:
     """A fixed set of held-out batches: documents in shard order, striped over ranks, never split
     across rows (a caption always sees its media). Cycles over the split if it is small."""
-    shards = ShardSet(directory)
-    eval_cfg = dataclasses.replace(cfg, num_streams=1, shuffle_window=1)
-    stream = LogicalStream(0, shards, eval_cfg, spec, tokenizer, StreamState(), policy="drop")
+    eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_window=1)
+    plan = StreamPlan(eval_cfg)
+    shards = plan.sets[0]
+    stream = LogicalStream(0, plan, eval_cfg, spec, tokenizer, StreamState(), policy="drop")
     batches: list[Batch] = []
     rows: list[Row] = []
     for _ in range(100):  # passes over the split

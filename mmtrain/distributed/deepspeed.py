@@ -1,19 +1,27 @@
-"""DeepSpeed wiring: the only module that calls `deepspeed`.
+"""DeepSpeed wiring: the only module (with its siblings in mmtrain/distributed/) that calls deepspeed.
 
 The DeepSpeed JSON is generated from the typed `EngineConfig` (never a second hand-written truth)
-and saved in the run directory.
+and saved in the run directory (`ds_config.json`).
+
+Every function here takes named runtime objects (the engine, a config, sizes), never the run config.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from mmtrain.distributed.config import EngineConfig
+
+log = logging.getLogger("mmtrain.engine")
+DS_CONFIG_FILE = "ds_config.json"
 
 
 def init_distributed(cfg: EngineConfig) -> tuple[int, int, torch.device]:
@@ -38,6 +46,11 @@ def ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int) -> d
     if cfg.zero_stage >= 1:
         zero.update(overlap_comm=cfg.overlap_comm, reduce_bucket_size=cfg.bucket_size,
                     allgather_bucket_size=cfg.bucket_size, contiguous_gradients=True)
+    if cfg.zero_stage == 3:
+        # Gather a whole parameter set at save time so that `save_16bit_model`-style exports and
+        # DeepSpeed's own zero_to_fp32.py find complete tensors; prefetch sized like the buckets.
+        zero.update(stage3_prefetch_bucket_size=cfg.bucket_size,
+                    stage3_gather_16bit_weights_on_model_save=True)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_params:
@@ -55,9 +68,21 @@ def ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int) -> d
     if cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
+        # loss_scale 0: dynamic loss scaling, starting at 2**16, halved on overflow (the step is
+        # skipped), doubled after loss_scale_window clean steps.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return config
+
+
+def write_ds_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Save the generated DeepSpeed JSON next to the run's config.json (what DeepSpeed was given)."""
+    path = Path(run_dir) / DS_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -66,7 +91,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "tok_embeddings" in name or name.endswith(".bias")
+        # ZeRO-3 partitions p in place (p.ndim is then 1): its full shape is ds_shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        skip = ndim < 2 or "tok_embeddings" in name or name.endswith(".bias")
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
@@ -87,34 +114,61 @@ def lr_lambda(cfg: EngineConfig, total_steps: int) -> Callable[[int], float]:
 
 def build_model(build: Callable[[], torch.nn.Module], cfg: EngineConfig,
                 device: torch.device) -> torch.nn.Module:
-    """Construct the model; under ZeRO-3 inside DeepSpeed's partitioning context."""
-    if cfg.zero_stage == 3:
-        import deepspeed
+    """Construct the model; under ZeRO-3 inside DeepSpeed's partitioning context.
 
-        with deepspeed.zero.Init(remote_device="cpu" if cfg.offload_params else None,
-                                 config_dict_or_path={"zero_optimization": {"stage": 3}},
-                                 dtype=_dtype(cfg)):
-            return build()
-    return build().to(device)
+    Under `zero.Init` every submodule's parameters are partitioned as soon as its constructor
+    returns, so the model's own `init_weights()` (called at the end of its constructor) sees empty
+    shards and does nothing. We run it again with the parameters gathered (rank 0's values are
+    broadcast on exit), which draws the same random numbers in the same order as an unpartitioned
+    build: the same seed gives the same initial weights under ZeRO 0, 1, 2 and 3 (tested).
+    Cost: the full model is materialised once per rank during this init.
+    """
+    if cfg.zero_stage != 3:
+        return build().to(device)
+    import deepspeed
+
+    world = torch.distributed.get_world_size()
+    init_config = ds_config(cfg, micro_batch_size=1, world_size=world)
+    with deepspeed.zero.Init(remote_device="cpu" if cfg.offload_params else None,
+                             config_dict_or_path=init_config, dtype=_dtype(cfg)):
+        model = build()
+    init_weights = getattr(model, "init_weights", None)
+    if init_weights is not None:
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            init_weights()
+    return model
 
 
 def _dtype(cfg: EngineConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
+def build_optimizer(model: torch.nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay): FusedAdam on CUDA, DeepSpeedCPUAdam when the optimizer is
+    offloaded (DeepSpeed refuses a client torch optimizer with ZeRO-Offload), torch's otherwise."""
+    groups = param_groups(model, cfg.weight_decay)
+    adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam_kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+        return FusedAdam(groups, adam_w_mode=True, **adam_kwargs)
+    return torch.optim.AdamW(groups, **adam_kwargs)
+
+
 def build_engine(model: torch.nn.Module, cfg: EngineConfig, *, micro_batch_size: int,
-                 world_size: int, total_steps: int) -> tuple[Any, dict[str, Any]]:
-    """deepspeed.initialize with AdamW (FusedAdam on CUDA) and the LR schedule."""
+                 world_size: int, total_steps: int,
+                 run_dir: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """deepspeed.initialize with AdamW and the LR schedule; with `run_dir`, rank 0 also writes the
+    DeepSpeed JSON there (ds_config.json)."""
     import deepspeed
 
     config = ds_config(cfg, micro_batch_size=micro_batch_size, world_size=world_size)
-    groups = param_groups(model, cfg.weight_decay)
-    adam_kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if torch.cuda.is_available() and not cfg.offload_optimizer:
-        from deepspeed.ops.adam import FusedAdam
-        optimizer = FusedAdam(groups, adam_w_mode=True, **adam_kwargs)
-    else:
-        optimizer = torch.optim.AdamW(groups, **adam_kwargs)
+    if run_dir is not None and torch.distributed.get_rank() == 0:
+        write_ds_config(run_dir, config)
+    optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=config)
@@ -122,16 +176,41 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, *, micro_batch_size:
 
 
 def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's own files for this rank (DeepSpeed's `latest` is not written: we commit)."""
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    """DeepSpeed's own files for this rank (DeepSpeed's `latest` is not written: we commit).
+
+    The universal-checkpoint marker goes into the client state so that a later resume on another
+    world size can convert this checkpoint (DeepSpeed's converter refuses checkpoints without it).
+    """
+    from mmtrain.distributed import universal
+
+    state = {**client_state, **universal.client_state_marker()}
+    engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False)
 
 
-def load_checkpoint(engine: Any, root: str, tag: str) -> dict[str, Any]:
-    path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-    if path is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {root}/{tag}")
-    return client_state or {}
+def load_checkpoint(engine: Any, root: str, tag: str, *, saved_world_size: int) -> dict[str, Any]:
+    """Restore model, optimizer and LR schedule from root/tag, saved by `saved_world_size` ranks.
+
+    On the same world size DeepSpeed reads its files directly. On another one a ZeRO checkpoint
+    (whose optimizer state is partitioned by rank) is converted to DeepSpeed's universal layout on
+    rank 0 and every rank loads its new partition from it (see mmtrain/distributed/universal.py).
+    Called after `mmtrain.checkpoint.verify`: nothing here reads an unchecked file.
+    """
+    from mmtrain.distributed import universal
+
+    world = torch.distributed.get_world_size()
+    if saved_world_size != world and universal.is_partitioned(Path(root) / tag):
+        log.info("checkpoint %s/%s was saved by %d ranks; this run has %d: resharding through a "
+                 "universal checkpoint", root, tag, saved_world_size, world)
+        client_state = universal.load_resharded(engine, Path(root), tag)
+    else:
+        path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+    client_state = dict(client_state or {})
+    for key in universal.client_state_marker():
+        client_state.pop(key, None)
+    return client_state
 
 
 def current_lr(engine: Any) -> float:
@@ -141,3 +220,45 @@ def current_lr(engine: Any) -> float:
 def grad_norm(engine: Any) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
+
+
+def loss_scale(engine: Any) -> float:
+    """The dynamic fp16 loss scale (1.0 when not in fp16)."""
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "cur_scale", None) if engine.fp16_enabled() else None
+    return float(scale) if scale is not None else 1.0
+
+
+def full_parameters(engine: Any) -> dict[str, torch.Tensor]:
+    """Every parameter, whole, in fp32 on CPU: the optimizer's master weights where DeepSpeed keeps
+    them (ZeRO 1–3, bf16 optimizer), else the module's own tensor. Collective under ZeRO-3: call on
+    every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        out[name] = (p.detach() if full is None else full).float().cpu().clone()
+    return out
+
+
+def full_optimizer_state(engine: Any, key: str) -> dict[str, torch.Tensor]:
+    """One optimizer state (`exp_avg`, `exp_avg_sq`) per parameter, whole, on CPU. Collective under
+    ZeRO-3."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # DeepSpeed links each parameter to its optimizer-state fragment once, right after the
+        # first param group's first step, when the other groups have no state yet; relink now.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_optimizer_state(p, key)
+        if full is None:  # ZeRO-0: the client optimizer holds the parameter itself
+            opt = engine.optimizer
+            opt = getattr(opt, "optimizer", opt)
+            full = opt.state[p][key]
+        out[name] = full.float().cpu().clone()
+    return out
