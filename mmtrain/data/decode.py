@@ -11,9 +11,7 @@ import io
 import warnings
 
 import numpy as np
-import soundfile
 from PIL import Image
-from scipy.signal import resample_poly
 
 from mmtrain.data.config import MediaSpec
 from mmtrain.data.schema import SampleError
@@ -62,6 +60,8 @@ def decode_image(data: bytes, spec: MediaSpec, max_pixels: int) -> np.ndarray:
 
 def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
     """WAV/FLAC bytes → (samples [channels, n] float32, sample_rate)."""
+    import soundfile  # libsndfile; imported here so the model side never needs it
+
     try:
         wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
@@ -94,6 +94,8 @@ def decode_audio(data: bytes, spec: MediaSpec) -> np.ndarray:
     wave, rate = decode_audio_bytes(data)
     mono = wave.mean(axis=0)
     if rate != spec.sample_rate:
+        from scipy.signal import resample_poly
+
         g = np.gcd(rate, spec.sample_rate)
         mono = resample_poly(mono, spec.sample_rate // g, rate // g).astype(np.float32)
     if not np.isfinite(mono).all():
