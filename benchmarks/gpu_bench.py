@@ -97,7 +97,7 @@ def make_settings(out_dir: Path, dry_run: bool) -> Settings:
         doc_tokens=16384, doc_row_len=8192, doc_len_ranges=((32, 1024), (256, 8192)), doc_gqa=4,
         norm_shapes=((16384, 768), (16384, 2048)), ce_shapes=((16384, 768, 32768), (16384, 2048, 32768)),
         correctness_tokens=8192, correctness_attention=((128, True), (64, False), (64, True)),
-        train_presets=("125m", "1b"), train_tokens=16384, train_steps=10,
+        train_presets=("125m", "1b"), train_tokens=65536, train_steps=10,
         compile_flex=True,
         # Soft limits in seconds, checked between measurements, keeping the run under 7 minutes.
         stage_budget_s={"env": 15, "correctness": 35, "attention": 140, "doc_attention": 70, "rmsnorm": 20,
