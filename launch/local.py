@@ -1,5 +1,7 @@
 """`mmtrain train`: N ranks on this machine through torchrun (torch.distributed.run).
 
+(`mmtrain launch`, in launch/cli.py, is the multi-node sibling with preflight and restarts.)
+
 Everything that can fail fast happens here, before any rank starts: the config is validated, the
 demo corpus is built if it is missing, and the resolved config is written to the run directory.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
     if resume:
         cmd += ["--resume", resume]
     print(f"starting {nproc} {kind.upper()} ranks; run directory {run_dir}", flush=True)
-    return subprocess.call(cmd, env=env)
+    from launch.supervise import run_child  # forwards SIGTERM/SIGINT to torchrun, hence the ranks
+
+    return run_child(cmd, env).returncode
 
 
 def resolved_summary(cfg: RunConfig) -> str:

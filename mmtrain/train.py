@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from mmtrain import kernels
 from mmtrain.checkpoint import Checkpointer
@@ -235,12 +237,17 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@record  # torchrun's failure summary then carries the rank's traceback
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="mmtrain rank entry point (started by torchrun)")
     parser.add_argument("--config-json", required=True, help="resolved config written by the launcher")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--resume", default=None)
     args = parser.parse_args(argv)
+    # A restart by torchrun (`mmtrain launch --max-restarts`) continues from the newest committed
+    # checkpoint: an explicit --resume (or --fresh) was meant for the first start only.
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        args.fresh, args.resume = False, None
     cfg = from_dict(RunConfig, json.loads(Path(args.config_json).read_text()))
     try:
         train(cfg, fresh=args.fresh, resume=args.resume)

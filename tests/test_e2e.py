@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.slow
-K = 3
+K = 5  # 10 steps: long enough to meet micro-batches without images on one rank
 
 
 def train(corpus: Path, runs: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
@@ -23,7 +23,7 @@ def train(corpus: Path, runs: Path, name: str, *extra: str) -> subprocess.Comple
            "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
            "--set", "model.n_kv_heads=2", "--set", "data.seq_len=256",
            "--set", "data.micro_batch_size=2", "--set", "data.num_streams=4",
-           "--set", "data.num_workers=1", "--set", f"train.steps={2 * K}",
+           "--set", "data.num_workers=0", "--set", f"train.steps={2 * K}",
            "--set", "train.log_every=1", "--set", "train.ckpt_every=0",
            "--set", "train.eval_batches=2", "--set", f"train.runs_dir={runs}",
            "--set", f"train.name={name}", *extra]

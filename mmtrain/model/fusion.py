@@ -160,13 +160,12 @@ class FusionTransformer(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         """Token embeddings with media embeddings scattered into their placeholder positions."""
         x_ND = self.tok_embeddings(batch.tokens.reshape(-1))
-        if batch.image_index.numel():
-            image = self.image_encoder(batch.image_patches.to(x_ND.dtype))
-            x_ND = x_ND.index_copy(0, batch.image_index, image.to(x_ND.dtype))
-        if batch.audio_index.numel():
-            audio = self.audio_encoder(batch.audio_tokens.to(x_ND.dtype))
-            x_ND = x_ND.index_copy(0, batch.audio_index, audio.to(x_ND.dtype))
-        return x_ND
+        # The encoders run even on an empty media list: every parameter then takes part in every
+        # backward, on every rank (ZeRO reduces gradients in buckets that must match across ranks).
+        image = self.image_encoder(batch.image_patches.to(x_ND.dtype))
+        x_ND = x_ND.index_copy(0, batch.image_index, image.to(x_ND.dtype))
+        audio = self.audio_encoder(batch.audio_tokens.to(x_ND.dtype))
+        return x_ND.index_copy(0, batch.audio_index, audio.to(x_ND.dtype))
 
     def hidden(self, batch: Batch) -> torch.Tensor:
         """Final hidden states [N, D] (after the last norm)."""

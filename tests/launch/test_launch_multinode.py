@@ -1,0 +1,139 @@
+"""`mmtrain launch` end to end on CPU (gloo): two "nodes" on this machine, a killed rank under
+--max-restarts, a crash loop, SIGTERM. Every run trains the tiny model on the demo corpus for the
+same 6 steps with a checkpoint after each, so losses can be compared bit for bit (CPU, same world
+size, one thread per rank)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.local import free_port
+from mmtrain.checkpoint import committed_steps, verify
+from tests.conftest import REPO, cli_env
+from tests.launch.conftest import cmdline, descendants, losses, tiny_args
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+RUN = (f"train.steps={STEPS}", "train.ckpt_every=1")
+
+
+def env() -> dict[str, str]:
+    e = cli_env()
+    e.pop("TRITON_INTERPRET", None)  # set by the kernel tests' conftest; would hide the crash below
+    return e
+
+
+def start(corpus: Path, runs: Path, name: str, *flags: str, overrides=RUN) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "launch.cli", *tiny_args(corpus, runs, name, *overrides), *flags]
+    return subprocess.Popen(argv, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 300) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
+    return out, err
+
+
+def rank_pids(launcher: int) -> list[int]:
+    return [p for p in descendants(launcher)
+            if "mmtrain.train" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]
+
+
+@pytest.fixture(scope="module")
+def baseline(demo_corpus, tmp_path_factory) -> Path:
+    """One node, two ranks, no interruption: the reference losses."""
+    runs = tmp_path_factory.mktemp("runs")
+    out, _ = finish(start(demo_corpus, runs, "one-node", "--nproc-per-node", "2"))
+    run = runs / "one-node"
+    assert sorted(losses(run)) == list(range(1, STEPS + 1)) and "mmtrain launch: done" in out
+    # Per-rank logs: the rank's own log, and torchrun's stdout/stderr of every rank.
+    assert (run / "logs" / "rank_0.log").is_file() and (run / "logs" / "rank_1.log").is_file()
+    (attempt,) = (run / "logs" / "torchrun" / "node0").glob("*/attempt_0")
+    assert (attempt / "0" / "stdout.log").is_file() and (attempt / "1" / "stderr.log").is_file()
+    return run
+
+
+def test_two_nodes_train_like_one(demo_corpus, baseline, tmp_path):
+    port = free_port()
+    common = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}")
+    node1 = start(demo_corpus, tmp_path, "two-nodes", *common, "--node-rank", "1")  # waits for 0
+    time.sleep(1)
+    node0 = start(demo_corpus, tmp_path, "two-nodes", *common, "--node-rank", "0")
+    finish(node0)
+    finish(node1)
+    assert losses(tmp_path / "two-nodes") == losses(baseline)
+
+
+def test_killed_rank_restarts_and_resumes(demo_corpus, baseline, tmp_path):
+    proc = start(demo_corpus, tmp_path, "killed", "--nproc-per-node", "2", "--max-restarts", "2",
+                 "--monitor-interval", "0.5")
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (latest.is_file() and latest.read_text().strip() >= "step_00000002"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was committed"
+        time.sleep(0.02)
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, "training ended before the kill"
+    os.kill(ranks[-1], signal.SIGKILL)
+    finish(proc)
+
+    run = tmp_path / "killed"
+    attempts = sorted(p.name for p in (run / "logs" / "torchrun" / "node0").glob("*/attempt_*"))
+    assert attempts == ["attempt_0", "attempt_1"], "the job did not restart"
+    resumed = [line for line in (run / "logs" / "rank_0.log").read_text().splitlines()
+               if "resumed from" in line]
+    assert len(resumed) == 1, resumed
+    step = int(resumed[0].rsplit("at step", 1)[1])
+    assert 2 <= step < STEPS
+    got, want = losses(run), losses(baseline)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in range(step + 1, STEPS + 1):  # computed after the resume
+        assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
+
+
+def test_crash_loop_gives_up_with_the_last_error(demo_corpus, baseline, tmp_path):
+    """A failure that repeats on every attempt (here: Triton kernels forced on CPU, which only the
+    ranks find out) ends after --max-restarts restarts, names the error, damages no checkpoint."""
+    ckpts = tmp_path / "crash" / "checkpoints"
+    shutil.copytree(baseline / "checkpoints", ckpts)
+    before = {p.name: sorted(f.name for f in p.rglob("*")) for p in committed_steps(ckpts)}
+    latest = (ckpts / "latest").read_text()
+    proc = start(demo_corpus, tmp_path, "crash", "--nproc-per-node", "2", "--max-restarts", "1",
+                 "--monitor-interval", "0.5",
+                 overrides=(f"train.steps={STEPS + 2}", "train.ckpt_every=1",
+                            "model.kernels=triton"))
+    _, err = finish(proc, expect=1)
+    assert "the job gave up after 1 restart (2 attempts, --max-restarts 1)" in err
+    assert "last error: ValueError: kernel backend 'triton' was forced for tensors on cpu" in err
+    assert f"newest committed checkpoint: {ckpts / latest.strip()}" in err
+    assert {p.name: sorted(f.name for f in p.rglob("*")) for p in committed_steps(ckpts)} == before
+    for ckpt in committed_steps(ckpts):
+        verify(ckpt)
+    assert (ckpts / "latest").read_text() == latest
+
+
+def test_sigterm_reaches_the_ranks_which_save(demo_corpus, tmp_path):
+    proc = start(demo_corpus, tmp_path, "stopped", "--nproc-per-node", "2",
+                 overrides=("train.steps=500", "train.ckpt_every=0"))
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    ranks = rank_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = finish(proc, expect=128 + signal.SIGTERM, timeout=120)
+    assert "stopped by SIGTERM" in err
+    assert not [p for p in ranks if Path(f"/proc/{p}").exists()], "a rank outlived the launcher"
+    (ckpt,) = committed_steps(tmp_path / "stopped" / "checkpoints")[:1]
+    verify(ckpt)
+    assert 2 <= int(ckpt.name.split("_")[1]) < 500

@@ -1,0 +1,56 @@
+"""What the user is told when the job fails: the first failing rank, its last error, its log."""
+
+from __future__ import annotations
+
+import time
+
+from launch.supervise import Outcome, last_error, run_child, torchrun_failure
+
+TAIL = """[default1]:[rank1]: Traceback (most recent call last):
+[default1]:[rank1]: ValueError: kernel backend 'triton' was forced for tensors on cpu
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+mmtrain.train FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 11)  (SIGTERM)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-28_19:17:14
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : 1 (pid: 12)
+  error_file: <N/A>
+============================================================""".splitlines()
+
+
+def test_last_error_strips_rank_prefixes_and_reads_cxx_aborts():
+    assert last_error(TAIL) == "ValueError: kernel backend 'triton' was forced for tensors on cpu"
+    assert last_error(["terminate called after throwing an instance of 'gloo::EnforceNotMet'",
+                       "  what():  [enforce fail at pair.cc:456] size mismatch"]) == \
+        "C++ exception: [enforce fail at pair.cc:456] size mismatch"
+    assert last_error(["nothing to see"]) == ""
+
+
+def test_torchrun_failure_names_the_root_cause_and_its_log(tmp_path):
+    started = time.time()
+    run = tmp_path / "job_abc"
+    for attempt in (0, 1):
+        (run / f"attempt_{attempt}" / "1").mkdir(parents=True)
+        (run / f"attempt_{attempt}" / "1" / "stderr.log").write_text(
+            f"RuntimeError: attempt {attempt} failed\n")
+    failure = torchrun_failure(Outcome(1, None, TAIL, started), tmp_path)
+    assert (failure.attempts, failure.rank, failure.exitcode) == (2, "rank 1 (local rank 1)", "1")
+    assert failure.error == "RuntimeError: attempt 1 failed"
+    assert failure.log == str(run / "attempt_1" / "1" / "stderr.log")
+
+
+def test_run_child_passes_stderr_through_and_keeps_its_tail(capsys):
+    outcome = run_child(["bash", "-c", "echo out; for i in 1 2 3; do echo err$i >&2; done; exit 3"],
+                        {"PATH": "/usr/bin:/bin"}, tail_lines=2)
+    assert outcome.returncode == 3 and outcome.signal is None
+    assert outcome.tail == ["err2", "err3"]
+    assert "err1\nerr2\nerr3\n" in capsys.readouterr().err
