@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,8 +128,10 @@ class Checkpointer:
         self.barrier()
         if self.rank == 0:
             _atomic_write(ckpt / "config.json", json.dumps(config, indent=2, sort_keys=True))
-            files = {str(p.relative_to(ckpt)): _sha256(p) for p in sorted(ckpt.rglob("*"))
-                     if p.is_file() and p.name not in (MANIFEST, COMMITTED)}
+            paths = [p for p in sorted(ckpt.rglob("*"))
+                     if p.is_file() and p.name not in (MANIFEST, COMMITTED)]
+            with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+                files = dict(zip((str(p.relative_to(ckpt)) for p in paths), pool.map(_sha256, paths)))
             _atomic_write(ckpt / MANIFEST, json.dumps(
                 {"step": step, "world_size": self.world_size, "files": files}, indent=1))
             _atomic_write(ckpt / COMMITTED, f"{step}\n")

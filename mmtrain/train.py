@@ -68,7 +68,8 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     spec = cfg.model.media()
     model = ds.build_model(lambda: FusionTransformer(cfg.model), cfg.engine, device)
     engine, ds_json = ds.build_engine(model, cfg.engine, micro_batch_size=cfg.data.micro_batch_size,
-                                      world_size=world, total_steps=cfg.train.steps)
+                                      world_size=world, total_steps=cfg.train.steps,
+                                      run_dir=run_dir)
     loader = ShardLoader(cfg.data, spec=spec, tokenizer=tokenizer, rank=rank, world_size=world,
                          quarantine=run_dir / "quarantine" / f"rank_{rank}.jsonl")
     checkpointer = Checkpointer(run_dir / "checkpoints", rank=rank, world_size=world,

@@ -23,6 +23,9 @@ class EngineConfig:
     offload_params: bool = False  # ZeRO-3 only
     overlap_comm: bool = False
     bucket_size: int = 50_000_000
+    # ZeRO-3: parameters with at most this many elements are kept whole on every rank (not
+    # partitioned); DeepSpeed's default. 0 partitions everything (what the CPU tests use).
+    zero3_persistence_threshold: int = 100_000
     backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_minutes: int = 10  # collective timeout: a dead rank stops the job instead of hanging it
 
@@ -48,4 +51,5 @@ class EngineConfig:
                 "needs engine.zero_stage >= 1")
         require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl")
         require(self.bucket_size > 0, "bucket_size", "must be > 0")
+        require(self.zero3_persistence_threshold >= 0, "zero3_persistence_threshold", "must be >= 0")
         require(self.timeout_minutes > 0, "timeout_minutes", "must be > 0")

@@ -8,13 +8,15 @@ Every function here takes named runtime objects (the engine, a config, sizes), n
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -47,10 +49,8 @@ def ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int) -> d
         zero.update(overlap_comm=cfg.overlap_comm, reduce_bucket_size=cfg.bucket_size,
                     allgather_bucket_size=cfg.bucket_size, contiguous_gradients=True)
     if cfg.zero_stage == 3:
-        # Gather a whole parameter set at save time so that `save_16bit_model`-style exports and
-        # DeepSpeed's own zero_to_fp32.py find complete tensors; prefetch sized like the buckets.
         zero.update(stage3_prefetch_bucket_size=cfg.bucket_size,
-                    stage3_gather_16bit_weights_on_model_save=True)
+                    stage3_param_persistence_threshold=cfg.zero3_persistence_threshold)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_params:
@@ -129,8 +129,11 @@ def build_model(build: Callable[[], torch.nn.Module], cfg: EngineConfig,
 
     world = torch.distributed.get_world_size()
     init_config = ds_config(cfg, micro_batch_size=1, world_size=world)
+    # No dtype= here: zero.Init takes it from the config's bf16/fp16 sections (fp32 when neither).
+    # An explicit dtype is overridden on accelerators without fp16 (DeepSpeed 0.19 parses
+    # `dtype or fp16 if fp16_ok else bf16 ...` so a CPU run got bf16 parameters for "fp32").
     with deepspeed.zero.Init(remote_device="cpu" if cfg.offload_params else None,
-                             config_dict_or_path=init_config, dtype=_dtype(cfg)):
+                             config_dict_or_path=init_config):
         model = build()
     init_weights = getattr(model, "init_weights", None)
     if init_weights is not None:
@@ -138,10 +141,6 @@ def build_model(build: Callable[[], torch.nn.Module], cfg: EngineConfig,
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             init_weights()
     return model
-
-
-def _dtype(cfg: EngineConfig) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
@@ -164,7 +163,11 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, *, micro_batch_size:
     """deepspeed.initialize with AdamW and the LR schedule; with `run_dir`, rank 0 also writes the
     DeepSpeed JSON there (ds_config.json)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ValueError(f"engine.precision='fp16' is not supported by DeepSpeed on this device "
+                         f"({get_accelerator().device_name()}); use bf16 or fp32")
     config = ds_config(cfg, micro_batch_size=micro_batch_size, world_size=world_size)
     if run_dir is not None and torch.distributed.get_rank() == 0:
         write_ds_config(run_dir, config)
@@ -172,11 +175,32 @@ def build_engine(model: torch.nn.Module, cfg: EngineConfig, *, micro_batch_size:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=config)
+    if engine.zero_optimization_partition_weights():
+        _allow_calls_outside_forward(engine, ("token_losses", "logits_at"))
     return engine, config
 
 
+def _allow_calls_outside_forward(engine: Any, names: tuple[str, ...]) -> None:
+    """ZeRO-3: make `engine.module.token_losses(batch)` (evaluation) work as under ZeRO 0–2 by
+    running these methods of this model instance inside `outside_forward(engine)`. The class is
+    untouched; collective like a forward: every rank must make the same calls."""
+    module = engine.module
+    for name in names:
+        method = getattr(module, name, None)
+        if method is None:
+            continue
+
+        @functools.wraps(method)
+        def wrapped(*args: Any, _method: Callable = method, **kwargs: Any) -> Any:
+            with outside_forward(engine):
+                return _method(*args, **kwargs)
+
+        object.__setattr__(module, name, wrapped)
+
+
 def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's own files for this rank (DeepSpeed's `latest` is not written: we commit).
+    """DeepSpeed's own files for this rank, flushed to disk (DeepSpeed's `latest` is not
+    written: mmtrain.checkpoint commits).
 
     The universal-checkpoint marker goes into the client state so that a later resume on another
     world size can convert this checkpoint (DeepSpeed's converter refuses checkpoints without it).
@@ -185,6 +209,28 @@ def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, An
 
     state = {**client_state, **universal.client_state_marker()}
     engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False)
+    _fsync_tree(Path(root) / tag)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Make DeepSpeed's files durable before the checkpoint is committed (DeepSpeed writes them
+    with torch.save and does not fsync; COMMITTED must never be on disk before the data is).
+    Every rank flushes every file of the directory once its own writes are done, so each file is
+    flushed at least once after its writer finished; then the directory entries (the step
+    directory's own entry in the checkpoints directory included)."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [directory.parent, directory, *sorted(p for p in directory.rglob("*") if p.is_dir())]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(engine: Any, root: str, tag: str, *, saved_world_size: int) -> dict[str, Any]:
@@ -196,21 +242,49 @@ def load_checkpoint(engine: Any, root: str, tag: str, *, saved_world_size: int) 
     Called after `mmtrain.checkpoint.verify`: nothing here reads an unchecked file.
     """
     from mmtrain.distributed import universal
+    from mmtrain.distributed.safe_load import weights_only_loads
 
     world = torch.distributed.get_world_size()
-    if saved_world_size != world and universal.is_partitioned(Path(root) / tag):
-        log.info("checkpoint %s/%s was saved by %d ranks; this run has %d: resharding through a "
-                 "universal checkpoint", root, tag, saved_world_size, world)
-        client_state = universal.load_resharded(engine, Path(root), tag)
-    else:
-        path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-        if path is None:
-            raise ValueError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+    with weights_only_loads():  # DeepSpeed's own reads too: tensors and plain data only
+        if saved_world_size != world and universal.is_partitioned(Path(root) / tag):
+            log.info("checkpoint %s/%s was saved by %d ranks; this run has %d: resharding "
+                     "through a universal checkpoint", root, tag, saved_world_size, world)
+            client_state = universal.load_resharded(engine, Path(root), tag)
+        else:
+            path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+            if path is None:
+                raise ValueError(f"DeepSpeed could not load checkpoint {root}/{tag}")
     client_state = dict(client_state or {})
     for key in universal.client_state_marker():
         client_state.pop(key, None)
     return client_state
+
+
+@contextlib.contextmanager
+def outside_forward(engine: Any) -> Iterator[None]:
+    """Run model methods other than `forward` (token_losses, logits_at) on `engine.module`.
+
+    Under ZeRO-3 a parameter used outside the submodule that owns it (the tied output embedding
+    in the loss) is gathered only while DeepSpeed knows a forward is running; `engine(batch)`
+    tells it, a direct `engine.module.token_losses(batch)` does not. This block does (build_engine
+    already wraps token_losses and logits_at in it). The gathered parameter stays gathered until
+    the next forward of the engine releases it. A no-op for ZeRO 0–2.
+    """
+    if not engine.zero_optimization_partition_weights():
+        yield
+        return
+    from deepspeed.runtime.zero.parameter_offload import ensure_zero_ordered_dict
+
+    modules = list(engine.module.modules())
+    for module in modules:
+        ensure_zero_ordered_dict(module)
+        module._parameters._in_forward = True  # what DeepSpeed's forward prologue sets
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._parameters._in_forward = False
 
 
 def current_lr(engine: Any) -> float:
@@ -220,13 +294,6 @@ def current_lr(engine: Any) -> float:
 def grad_norm(engine: Any) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
-
-
-def loss_scale(engine: Any) -> float:
-    """The dynamic fp16 loss scale (1.0 when not in fp16)."""
-    optimizer = getattr(engine, "optimizer", None)
-    scale = getattr(optimizer, "cur_scale", None) if engine.fp16_enabled() else None
-    return float(scale) if scale is not None else 1.0
 
 
 def full_parameters(engine: Any) -> dict[str, torch.Tensor]:
