@@ -6,30 +6,20 @@ Run A trains 2k steps straight; run B trains k steps, stops (checkpointed), resu
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env
+from tests.conftest import run_tiny_train
 
 pytestmark = pytest.mark.slow
 K = 5  # 10 steps: long enough to meet micro-batches without images on one rank
 
 
 def train(corpus: Path, runs: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmtrain", "train",
-           "--set", f"data.train={corpus / 'train'}", "--set", f"data.val={corpus / 'val'}",
-           "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
-           "--set", "model.n_kv_heads=2", "--set", "data.seq_len=256",
-           "--set", "data.micro_batch_size=2", "--set", "data.num_streams=4",
-           "--set", "data.num_workers=0", "--set", f"train.steps={2 * K}",
-           "--set", "train.log_every=1", "--set", "train.ckpt_every=0",
-           "--set", "train.eval_batches=2", "--set", f"train.runs_dir={runs}",
-           "--set", f"train.name={name}", *extra]
-    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_tiny_train(corpus, runs, name, {"data.num_workers": 0, "train.steps": 2 * K,
+                                               "train.ckpt_every": 0, "train.eval_batches": 2},
+                          *extra)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, tiny_train_cmd
 from tests.test_e2e import losses
 
 pytestmark = pytest.mark.slow
@@ -108,16 +108,8 @@ def rank_pids(run_dir: Path) -> list[int]:
 
 
 def test_sigterm_saves_a_committed_checkpoint_and_exits_zero(demo_corpus, tmp_path):
-    from tests.test_e2e import train  # noqa: F401  (same tiny settings)
-
-    cmd = [sys.executable, "-m", "mmtrain", "train",
-           "--set", f"data.train={demo_corpus / 'train'}", "--set", f"data.val={demo_corpus / 'val'}",
-           "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
-           "--set", "model.n_kv_heads=2", "--set", "data.seq_len=256",
-           "--set", "data.micro_batch_size=2", "--set", "data.num_streams=4",
-           "--set", "data.num_workers=0", "--set", "train.steps=100000",
-           "--set", "train.log_every=1", "--set", "train.ckpt_every=0",
-           "--set", f"train.runs_dir={tmp_path}", "--set", "train.name=sig"]
+    cmd = tiny_train_cmd(demo_corpus, tmp_path, "sig", {"data.num_workers": 0, "train.steps": 100000,
+                                                        "train.ckpt_every": 0})
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     run_dir = tmp_path / "sig"

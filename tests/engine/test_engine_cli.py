@@ -24,25 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_tiny_train
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_AT = 6, 3
 
 
 def train(corpus: Path, runs: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmtrain", "train",
-           "--set", f"data.train={corpus / 'train'}", "--set", f"data.val={corpus / 'val'}",
-           "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
-           "--set", "model.n_kv_heads=2", "--set", "data.seq_len=256",
-           "--set", "data.micro_batch_size=2", "--set", "data.num_streams=4",
-           "--set", "data.num_workers=1", "--set", f"train.steps={STEPS}",
-           "--set", "train.log_every=1", "--set", f"train.ckpt_every={SAVE_AT}",
-           "--set", "train.eval_batches=2", "--set", f"train.runs_dir={runs}",
-           "--set", f"train.name={name}", *extra]
-    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_tiny_train(corpus, runs, name, {"data.num_workers": 1, "train.steps": STEPS,
+                                               "train.ckpt_every": SAVE_AT, "train.eval_batches": 2},
+                          *extra)
 
 
 def metrics(run_dir: Path, split: str) -> dict[int, dict]:
