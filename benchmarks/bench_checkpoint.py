@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,16 +42,10 @@ from mmtrain.distributed import deepspeed as ds  # noqa: E402
 from mmtrain.distributed.config import EngineConfig  # noqa: E402
 from mmtrain.model import FusionTransformer, ModelConfig  # noqa: E402
 
+from bench_engine import init_world_of_one  # noqa: E402  (the same in-process world of one)
+
 GOAL = 1.0
 
-
-def init_world_of_one() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    ds.init_distributed(EngineConfig(backend="gloo"))
 
 
 def dir_bytes(path: Path) -> int:

@@ -1,7 +1,6 @@
 """Training health: non-finite steps are skipped (parameters untouched) and counted; M in a row
 stop the run with exit code 3; SIGTERM saves a committed checkpoint and exits 0."""
 
-import json
 import os
 import signal
 import subprocess
