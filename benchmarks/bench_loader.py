@@ -12,7 +12,6 @@ Absolute numbers on shared machines mean little; the ratios are the claim.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path
