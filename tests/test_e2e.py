@@ -40,6 +40,12 @@ def test_resume_is_bit_identical_and_run_dir_is_complete(demo_corpus, tmp_path):
     for step in range(1, 2 * K + 1):
         assert la[step] == lb[step], f"step {step}: {la[step]!r} != {lb[step]!r}"
     assert la[2 * K] < la[1]
+    last = [json.loads(line) for line in (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"][-1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "image_tokens_per_s", "audio_tokens_per_s",
+                "docs_per_s", "packing_efficiency", "data_wait_pct", "skipped_steps",
+                "skipped_samples", "memory_gb"):
+        assert key in last, key
 
     # What the user is told and what the run directory holds (ARCHITECTURE.md §5).
     run = tmp_path / "A"
