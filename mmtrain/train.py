@@ -212,7 +212,8 @@ def step_metrics(engine, out: StepOutput, step_time: float, world: int, flops_pe
 
     MFU = tokens/s · (6·N + 12·L·d·T) / (peak FLOP/s · devices) (ModelConfig.flops_per_token).
     """
-    keys = ("real_tokens", "text_tokens", "image_tokens", "audio_tokens", "pad_tokens", "docs")
+    keys = ("real_tokens", "text_tokens", "image_tokens", "audio_tokens", "pad_tokens", "docs",
+            "split_docs", "dropped_docs")
     packed = torch.tensor([out.loss] + [float(out.counts.get(k, 0)) for k in keys] + [out.data_wait],
                           dtype=torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
@@ -224,8 +225,8 @@ def step_metrics(engine, out: StepOutput, step_time: float, world: int, flops_pe
         **{f"{k.removesuffix('_tokens')}_tokens_per_s": v / step_time
            for k, v in zip(keys[1:4], total[2:5])},
         "packing_efficiency": tokens / max(1.0, tokens + total[5]),
-        "docs_per_s": total[6] / step_time,
-        "data_wait_pct": 100.0 * total[7] / world / step_time, "step_time": step_time,
+        "docs_per_s": total[6] / step_time, "split_docs": total[7], "dropped_docs": total[8],
+        "data_wait_pct": 100.0 * total[9] / world / step_time, "step_time": step_time,
         "memory_gb": memory_gb(),
     }
     if peak:

@@ -43,8 +43,8 @@ def test_resume_is_bit_identical_and_run_dir_is_complete(demo_corpus, tmp_path):
     last = [json.loads(line) for line in (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["split"] == "train"][-1]
     for key in ("lr", "grad_norm", "tokens_per_s", "image_tokens_per_s", "audio_tokens_per_s",
-                "docs_per_s", "packing_efficiency", "data_wait_pct", "skipped_steps",
-                "skipped_samples", "memory_gb"):
+                "docs_per_s", "split_docs", "dropped_docs", "packing_efficiency", "data_wait_pct",
+                "skipped_steps", "skipped_samples", "memory_gb"):
         assert key in last, key
 
     # What the user is told and what the run directory holds (ARCHITECTURE.md §5).

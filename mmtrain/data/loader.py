@@ -43,6 +43,7 @@ from mmtrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger("mmtrain.data")
 STATE_VERSION = 1
+POLICY_COUNTS = ("split_docs", "dropped_docs")
 
 
 class ShardSet:
@@ -158,7 +159,6 @@ class LogicalStream:
                              placeholder_ids=(tokenizer.image, tokenizer.audio))
         self.pending_skips: list[dict[str, Any]] = []
         self.consecutive_failures = 0
-        self.samples_read = 0
 
     def rows(self) -> Iterator[tuple[Row, StreamState, list[dict[str, Any]]]]:
         st = self.state
@@ -290,6 +290,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         emitted = {s: self.states[s].rows for s in mine}
         while True:
             rows, states, skips, keys = [], {}, [], []
+            before = [sum(getattr(st.packer, c) for st in streams.values()) for c in POLICY_COUNTS]
             for _ in range(self.cfg.micro_batch_size):
                 s = min(mine, key=lambda s: (emitted[s], s))  # a pure function of the states
                 row, state, row_skips = next(iters[s])
@@ -301,6 +302,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             batch = collate_rows(rows, self.spec, image_token=self.tok.image,
                                  audio_token=self.tok.audio)
             batch.doc_keys = keys
+            for c, b in zip(POLICY_COUNTS, before):  # documents split / dropped by the row policy
+                batch.counts[c] = sum(getattr(st.packer, c) for st in streams.values()) - b
             yield LoaderItem(batch, states, skips)
 
 

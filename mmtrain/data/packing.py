@@ -179,10 +179,6 @@ class Packer:
         """Close the current partial row (end of an evaluation pass)."""
         self._close_row()
 
-    @property
-    def pending_tokens(self) -> int:
-        return self._fill
-
 
 def _cut_outside_media(doc: TokenizedDoc, start: int, stop: int) -> int:
     """Move a cut point back so that no media span (begin marker … end marker) is cut."""
