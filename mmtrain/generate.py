@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"mmtrain generate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # same as `mmtrain generate`: user errors become one clear line
+    from mmtrain.cli import main as cli_main
+
+    sys.exit(cli_main(["generate", *sys.argv[1:]]))
