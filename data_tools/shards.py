@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmtrain.data.schema import Document, check_name, parse_sample
+from mmtrain.fileio import atomic_write_bytes, fsync_dir, sha256_file  # noqa: F401 (sha256_file: part of this module's API)
 
 DATASET_SCHEMA_VERSION = 1
 MANIFEST = "manifest.parquet"
@@ -44,33 +45,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("content_hash", pa.string()),
     ("source_row", pa.string()),
 ])
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_hash(members: dict[str, bytes]) -> str:

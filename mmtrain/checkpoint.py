@@ -12,7 +12,6 @@ the manifest; our own torch loads use weights_only=True.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,35 +25,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mmtrain.fileio import atomic_write_bytes, sha256_file
+
 log = logging.getLogger("mmtrain.checkpoint")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMMITTED, MANIFEST, LATEST = "COMMITTED", "MANIFEST.json", "latest"
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify(ckpt: Path) -> None:
@@ -69,7 +52,7 @@ def verify(ckpt: Path) -> None:
         path = ckpt / rel
         if not path.is_file():
             raise ValueError(f"{ckpt}: file {rel} listed in {MANIFEST} is missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ValueError(f"{ckpt}: file {rel} fails its sha256 check (corrupt or changed)")
 
 
@@ -122,20 +105,20 @@ class Checkpointer:
         save_engine(str(self.root), name)  # every rank: its DeepSpeed shard
         for sub in ("loader", "rng"):
             (ckpt / sub).mkdir(parents=True, exist_ok=True)
-        _atomic_write(ckpt / "loader" / f"rank_{self.rank}.json",
+        atomic_write_text(ckpt / "loader" / f"rank_{self.rank}.json",
                       json.dumps(loader_state, indent=1, sort_keys=True))
         torch.save(rng_state(), ckpt / "rng" / f"rank_{self.rank}.pt")
         self.barrier()
         if self.rank == 0:
-            _atomic_write(ckpt / "config.json", json.dumps(config, indent=2, sort_keys=True))
+            atomic_write_text(ckpt / "config.json", json.dumps(config, indent=2, sort_keys=True))
             paths = [p for p in sorted(ckpt.rglob("*"))
                      if p.is_file() and p.name not in (MANIFEST, COMMITTED)]
             with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
-                files = dict(zip((str(p.relative_to(ckpt)) for p in paths), pool.map(_sha256, paths)))
-            _atomic_write(ckpt / MANIFEST, json.dumps(
+                files = dict(zip((str(p.relative_to(ckpt)) for p in paths), pool.map(sha256_file, paths)))
+            atomic_write_text(ckpt / MANIFEST, json.dumps(
                 {"step": step, "world_size": self.world_size, "files": files}, indent=1))
-            _atomic_write(ckpt / COMMITTED, f"{step}\n")
-            _atomic_write(self.root / LATEST, name + "\n")
+            atomic_write_text(ckpt / COMMITTED, f"{step}\n")
+            atomic_write_text(self.root / LATEST, name + "\n")
             self._prune()
         self.barrier()
         return ckpt
