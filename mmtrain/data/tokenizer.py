@@ -3,6 +3,10 @@
 `ByteTokenizer` (the default) maps UTF-8 bytes to ids 0..255 and puts the special tokens after
 them. `BPETokenizer` wraps a HF `tokenizers` file written by `mmtrain data train-tokenizer`, which
 reserves the same special tokens. Both expose the same small interface.
+
+Text is data, never markup: a document that spells `<|image|>` or `<|eos|>` is encoded as those
+characters, so web text cannot inject a media placeholder or end a document early. Special ids
+come only from the packer (`tok.image`, `tok.eos`, ...).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class BPETokenizer:
         if not path.is_file():
             raise ValueError(f"data.tokenizer={str(path)!r}: file does not exist")
         self._tok = Tokenizer.from_file(str(path))
+        # Added (special) tokens are matched in the input text before BPE unless told otherwise;
+        # `add_special_tokens=False` only turns off the post-processor's template. Splitting them
+        # makes `<|image|>` in a web page plain text.
+        self._tok.encode_special_tokens = True
         self.name = str(path)
         self.special = {}
         for tok in SPECIAL_TOKENS:
