@@ -29,13 +29,12 @@ from launch import plan as plans
 from launch import preflight
 from launch.supervise import (Outcome, child_env, describe_exit, last_error, run_child,
                               torchrun_failure)
+from mmtrain.config import add_config_args
 
 DOCS = "docs/multinode.md"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmtrain.cli import add_config_args
-
     p = argparse.ArgumentParser(
         prog="mmtrain launch", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
@@ -366,5 +365,7 @@ def newest_checkpoint(plan: plans.LaunchPlan) -> str:
     return str(found[0]) if found else "none"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # same as `mmtrain launch` (the tests run it this way)
+    from mmtrain.errors import exit_code
+
+    sys.exit(exit_code("mmtrain launch", main, sys.argv[1:]))

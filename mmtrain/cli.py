@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmtrain.config import load_config
+from mmtrain.config import add_config_args, load_config
+from mmtrain.errors import exit_code
 
 USAGE = """mmtrain <command> [options]
 
@@ -19,12 +20,6 @@ commands:
 
 `mmtrain <command> --help` explains each.
 """
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (default: the embedded tiny demo = configs/tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set engine.lr=3e-4 (repeatable)")
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -88,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mmtrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    try:
-        return COMMANDS[command](rest)
-    except ValueError as e:  # user errors: one clear line, no traceback
-        print(f"mmtrain {command}: error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(f"mmtrain {command}", COMMANDS[command], rest)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ validates. Every error names the exact key, so a bad run dies in a second on one
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -237,3 +238,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """`--config FILE` and repeatable `--set key=value`: the same in every command that runs."""
+    p.add_argument("--config", help="YAML recipe (default: the embedded tiny demo = configs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set engine.lr=3e-4 (repeatable)")

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # same as `mmtrain export`: user errors become one clear line
-    from mmtrain.cli import main as cli_main
+if __name__ == "__main__":  # same as `mmtrain export` (which does not come through here)
+    from mmtrain.errors import exit_code
 
-    sys.exit(cli_main(["export", *sys.argv[1:]]))
+    sys.exit(exit_code("mmtrain export", main, sys.argv[1:]))

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # same as `mmtrain generate`: user errors become one clear line
-    from mmtrain.cli import main as cli_main
+if __name__ == "__main__":  # same as `mmtrain generate` (which does not come through here)
+    from mmtrain.errors import exit_code
 
-    sys.exit(cli_main(["generate", *sys.argv[1:]]))
+    sys.exit(exit_code("mmtrain generate", main, sys.argv[1:]))
