@@ -27,6 +27,7 @@ from pathlib import Path
 
 from launch import plan as plans
 from launch import preflight
+from launch.local import build_demo_data, needs_demo_data, train_datasets
 from launch.supervise import (Outcome, child_env, describe_exit, last_error, run_child,
                               torchrun_failure)
 from mmtrain.config import add_config_args
@@ -105,13 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = plans.build_plan(args, cfg)
     except ValueError as e:
         return fail(str(e))
-    builds_demo = (plan.mode == "torchrun" and plan.nnodes == 1 and cfg.data.synth_if_missing
-                   and not (Path(cfg.data.train) / "dataset.json").is_file())
+    builds_demo = plan.mode == "torchrun" and plan.nnodes == 1 and needs_demo_data(cfg)
     if builds_demo and not args.dry_run:
-        from launch.local import ensure_demo_data
-
         try:
-            ensure_demo_data(cfg)
+            build_demo_data(cfg)
         except ValueError as e:
             return fail(f"data: {e}")
         builds_demo = False
@@ -150,7 +148,7 @@ def run_preflight(plan: plans.LaunchPlan, args: argparse.Namespace, *, dry_run: 
     if builds_demo:
         report.notes.append(f"the demo corpus will be built in {Path(cfg.data.train).parent}")
     else:
-        dirs = [(cfg.data.train, "data.train")]
+        dirs = train_datasets(cfg)  # data.mix replaces data.train
         if cfg.data.val and cfg.train.eval_batches:
             dirs.append((cfg.data.val, "data.val"))
         for directory, key in dirs:
@@ -176,10 +174,12 @@ def run_preflight(plan: plans.LaunchPlan, args: argparse.Namespace, *, dry_run: 
 def _layout(plan: plans.LaunchPlan) -> str:
     from data_tools.shards import read_dataset_index
 
-    shards = len(read_dataset_index(plan.cfg.data.train)["shards"])
+    datasets = train_datasets(plan.cfg)
+    # With data.mix this is the total over its datasets; the loader checks each one's share.
+    shards = sum(len(read_dataset_index(location)["shards"]) for location, _ in datasets)
     preflight.check_layout(num_shards=shards, num_streams=plan.cfg.data.num_streams,
                            world=plan.world, workers=plan.cfg.data.num_workers,
-                           what=f"data.train={plan.cfg.data.train}")
+                           what=" + ".join(f"{key}={location}" for location, key in datasets))
     d, e = plan.cfg.data, plan.cfg.engine
     rows = d.micro_batch_size * e.grad_accum * plan.world
     return (f"{plan.world} ranks; global batch {rows} rows "

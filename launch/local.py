@@ -25,14 +25,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_datasets(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(location, config key) of every dataset the run trains on: data.mix's (it replaces
+    data.train), else data.train."""
+    if cfg.data.mix:
+        return [(name, f"data.mix.{name}") for name in cfg.data.mix]
+    return [(cfg.data.train, "data.train")]
+
+
+def needs_demo_data(cfg: RunConfig) -> bool:
+    """The embedded demo (data.synth_if_missing, set by configs/tiny.yaml) builds its shards."""
+    return (cfg.data.synth_if_missing and not cfg.data.mix
+            and not (Path(cfg.data.train) / "dataset.json").is_file())
+
+
+def check_local_datasets(cfg: RunConfig) -> None:
+    """A missing local dataset is an error naming its path, before any rank starts (URLs are
+    read by the ranks)."""
+    for location, key in train_datasets(cfg):
+        if "://" in location:
+            continue
+        if not (Path(location) / "dataset.json").is_file():
+            raise ValueError(f"{key}={location!r}: no dataset.json in {Path(location).resolve()}; "
+                             "build the shards with `mmtrain data build`, or fix the path (only "
+                             "the embedded demo builds its data when missing)")
+
+
 def ensure_demo_data(cfg: RunConfig) -> None:
-    """Build the embedded demo corpus through data_tools if the configured shards are absent."""
+    """Build the embedded demo corpus through data_tools if it is wanted and absent; then every
+    local dataset of the run must exist."""
+    if needs_demo_data(cfg):
+        build_demo_data(cfg)
+    check_local_datasets(cfg)
+
+
+def build_demo_data(cfg: RunConfig) -> None:
     train_dir = Path(cfg.data.train)
-    if (train_dir / "dataset.json").is_file():
-        return
-    if not cfg.data.synth_if_missing:
-        raise ValueError(f"data.train={cfg.data.train!r} holds no dataset.json (and "
-                         "data.synth_if_missing is false)")
     if not cfg.data.val or Path(cfg.data.val).parent != train_dir.parent:
         raise ValueError("data.synth_if_missing builds ROOT/train and ROOT/val: set data.train and "
                          "data.val to two sibling directories, or build the shards yourself")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,7 @@ from mmtrain.model.config import ModelConfig, preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+DEMO_CONFIG = CONFIG_DIR / "tiny.yaml"  # the embedded demo: what runs when no --config is given
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -92,6 +94,8 @@ class RunConfig:
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
+        for section in dataclasses.fields(self):  # nan/inf pass every `x > 0` style range check
+            _check_finite(getattr(self, section.name), section.name)
         # Cross-component checks: the only place that sees two components at once.
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds "
@@ -104,6 +108,17 @@ class RunConfig:
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ValueError(f"{key}={value!r} {why}")
+
+
+def _check_finite(component: Any, prefix: str) -> None:
+    """Every float of a component config (and of its float mappings) is finite."""
+    for f in dataclasses.fields(component):
+        value = getattr(component, f.name)
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                key = f"{prefix}.{f.name}" + (f".{sub}" if sub else "")
+                raise ValueError(f"{key}={v!r} must be a finite number")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +189,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -188,13 +205,41 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 # YAML + overrides.
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a mapping that repeats a key (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {line}; first set on line "
+                        f"{first}): remove one of them", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file with the safe loader: `!!python/...` tags are an error, never executed."""
+    """Read a YAML file with the safe loader: `!!python/...` tags are an error, never executed;
+    a repeated key is an error naming it and its line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:
@@ -213,7 +258,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if not all(parts):
         raise ValueError(f"override {override!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override {override!r}: value is not valid YAML: {e}") from None
     node = data
@@ -226,8 +271,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults (the tiny CPU demo) <- YAML file <- dotted overrides; validated."""
-    data = read_yaml(path) if path is not None else {}
+    """Defaults <- YAML file (none given: the embedded demo, configs/tiny.yaml) <- dotted
+    overrides; validated. Only the demo builds its data when missing (data.synth_if_missing)."""
+    data = read_yaml(path if path is not None else DEMO_CONFIG)
     for override in overrides or []:
         apply_override(data, override)
     model = data.get("model")

@@ -43,6 +43,7 @@ class EngineConfig:
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
         require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        require(0 < self.eps < 1, "eps", "must be in (0, 1)")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         require(not self.offload_params or self.zero_stage == 3, "offload_params",

@@ -58,6 +58,8 @@ class ModelConfig:
         require(self.audio_seconds > 0, "audio_seconds", "must be > 0")
         require(self.audio_frames_per_token > 0, "audio_frames_per_token", "must be > 0")
         require(self.init_std > 0, "init_std", "must be > 0")
+        require(0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
+        require(self.rope_theta > 0, "rope_theta", "must be > 0")
 
     @property
     def head_dim(self) -> int:

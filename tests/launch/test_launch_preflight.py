@@ -202,3 +202,38 @@ def test_fresh_sets_the_checkpoints_aside(capsys, demo_corpus, tmp_path):
     moved = set_aside(run)
     assert moved is not None and (moved / "checkpoints" / old.name / "COMMITTED").is_file()
     assert (moved / "metrics.jsonl").is_file() and not (run / "checkpoints").exists()
+
+
+def test_a_missing_user_dataset_is_an_error_naming_it(capsys, tmp_path):
+    """Only the embedded demo (no --config) builds its data when missing: a typo in a user
+    recipe's path stops `mmtrain train` before anything is built or started."""
+    from mmtrain.cli import main
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"data:\n  train: {tmp_path}/corpus/trian\n  val: {tmp_path}/corpus/val\n"
+                      f"train:\n  runs_dir: {tmp_path}/runs\n")
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert (f"data.train='{tmp_path}/corpus/trian': no dataset.json in {tmp_path}/corpus/trian"
+            in err), err
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_mix_replaces_data_train(capsys, demo_corpus, tmp_path):
+    """`data.mix` with `data.synth_if_missing=false`: its datasets are checked, not data.train."""
+    from launch.local import ensure_demo_data
+    from mmtrain.config import load_config
+
+    a, b = demo_corpus / "train", demo_corpus / "val"
+    mix = (f"data.mix={{{a}: 2, {b}: 1}}", "data.synth_if_missing=false")
+    args = tiny_args(tmp_path / "nothing", tmp_path / "runs", "r", *mix)  # data.train: missing
+    assert launch_main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"data.mix.{a}: 6 shards" in out and f"data.mix.{b}:" in out, out
+    ensure_demo_data(load_config(None, [o for o in args if o != "--set"]))  # what `mmtrain train` runs
+    assert not (tmp_path / "nothing").exists()
+    missing = tmp_path / "nothing" / "b"
+    args = tiny_args(tmp_path / "nothing", tmp_path / "runs", "r", f"data.mix={{{a}: 2, {missing}: 1}}")
+    preflight_fails(capsys, tmp_path, args, f"data.mix.{missing}={str(missing)!r}:")
+    with pytest.raises(ValueError, match=f"data.mix.{missing}='{missing}': no dataset.json"):
+        ensure_demo_data(load_config(None, [o for o in args if o != "--set"]))
