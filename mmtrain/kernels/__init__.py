@@ -5,10 +5,14 @@
     linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean")
     set_backend("auto" | "triton" | "reference"), get_backend(device)
 
-"auto" picks Triton for CUDA tensors and the reference otherwise. Forcing "triton" on CPU tensors
-runs the kernels in Triton's interpreter and needs TRITON_INTERPRET=1 in the environment before
-Triton is first imported (that is how the tests run them). The backend each op resolves to is logged
-once, the first time the op runs. Importing this package never imports Triton.
+"auto" picks the reference for CPU tensors. On CUDA, rms_norm and linear_cross_entropy run the
+Triton kernels, and attention runs, per case, the fastest backend that agrees with the reference on
+this device: ours (Triton), torch's varlen_attn (FlashAttention-2), or SDPA (flash / cuDNN) where
+every document has the same length (see autotune.py; attention_choices() lists the decisions).
+Forcing "triton" or "reference" skips that choice. Forcing "triton" on CPU tensors runs the kernels
+in Triton's interpreter and needs TRITON_INTERPRET=1 in the environment before Triton is first
+imported (that is how the tests run them). The backend each op resolves to is logged once, the
+first time the op runs. Importing this package never imports Triton.
 
 Shape legend: N = total packed tokens, H = query heads, K = key/value heads, D = head dim,
 V = vocabulary.
@@ -22,8 +26,10 @@ import os
 import torch
 
 from . import reference
+from .attention_backends import is_dense, sdpa_attention, varlen_attention, varlen_unavailable
+from .autotune import AttentionAutotuner, AttentionCase, seq_bucket
 
-__all__ = ["attention", "rms_norm", "linear_cross_entropy", "set_backend", "get_backend"]
+__all__ = ["attention", "rms_norm", "linear_cross_entropy", "set_backend", "get_backend", "attention_choices"]
 
 logger = logging.getLogger("mmtrain.kernels")
 
@@ -42,7 +48,8 @@ def set_backend(name: str) -> None:
 
 
 def get_backend(device: torch.device | str) -> str:
-    """The backend ops on tensors of this device run with: "triton" or "reference"."""
+    """The backend ops on tensors of this device run with: "triton" or "reference". (In "auto"
+    on CUDA, attention then chooses per case among triton, varlen_attn and SDPA.)"""
     device = torch.device(device)
     if _backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
@@ -59,7 +66,8 @@ def _resolve(op: str, device: torch.device) -> str:
     backend = get_backend(device)
     if op not in _logged_ops:
         _logged_ops.add(op)
-        logger.info("kernel %s: %s backend (requested %r, device %s)", op, backend, _backend, device.type)
+        shown = "per-case choice" if op == "attention" and _backend == "auto" and backend == "triton" else backend
+        logger.info("kernel %s: %s backend (requested %r, device %s)", op, shown, _backend, device.type)
     return backend
 
 
@@ -114,11 +122,66 @@ def attention(
     [N, H, D] in q's dtype.
     """
     max_seqlen = _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
-    if _resolve("attention", q.device) == "triton":
-        from .flash_attention import flash_attention
+    backend = _resolve("attention", q.device)
+    if backend == "triton" and _backend == "auto":  # CUDA: the per-case choice
+        case = _attention_case(q, k, cu_seqlens, causal, max_seqlen)
+        backend = _attention_tuner().pick(case, q, k, v, cu_seqlens, causal, max_seqlen)
+    return _ATTENTION_IMPLS[backend](q, k, v, cu_seqlens, causal, max_seqlen)
 
-        return flash_attention(q, k, v, cu_seqlens, causal, max_seqlen)
-    return reference.attention(q, k, v, cu_seqlens, causal, max_seqlen)
+
+def _triton_attention(q, k, v, cu_seqlens, causal, max_seqlen):
+    from .flash_attention import flash_attention
+
+    return flash_attention(q, k, v, cu_seqlens, causal, max_seqlen)
+
+
+def _sdpa(backend_name: str):
+    def run(q, k, v, cu_seqlens, causal, max_seqlen):
+        from torch.nn.attention import SDPBackend
+
+        return sdpa_attention(q, k, v, cu_seqlens, causal, max_seqlen, getattr(SDPBackend, backend_name))
+
+    return run
+
+
+_ATTENTION_IMPLS = {
+    "triton": _triton_attention,
+    "reference": reference.attention,
+    "varlen_attn": varlen_attention,
+    "sdpa_flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
+}
+_tuner: AttentionAutotuner | None = None
+_device_names: dict[torch.device, str] = {}
+
+
+def _attention_case(q, k, cu_seqlens, causal, max_seqlen) -> AttentionCase:
+    if q.device not in _device_names:
+        _device_names[q.device] = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
+    return AttentionCase(device=_device_names[q.device], dtype=str(q.dtype).removeprefix("torch."),
+                         head_dim=q.shape[2], gqa=q.shape[1] // k.shape[1], causal=causal,
+                         packed=not is_dense(q.shape[0], cu_seqlens, max_seqlen),
+                         seq_bucket=seq_bucket(max_seqlen))
+
+
+def _attention_tuner() -> AttentionAutotuner:
+    global _tuner
+    if _tuner is None:
+        candidates = {name: _ATTENTION_IMPLS[name] for name in ("triton", "sdpa_flash", "sdpa_cudnn")}
+        if varlen_unavailable("cuda") is None:
+            candidates["varlen_attn"] = varlen_attention
+        else:
+            logger.info("attention candidate varlen_attn skipped: %s", varlen_unavailable("cuda"))
+        dense_only = lambda case: not case.packed  # noqa: E731
+        _tuner = AttentionAutotuner(candidates, reference=reference.attention,
+                                    applies={"sdpa_flash": dense_only, "sdpa_cudnn": dense_only})
+    return _tuner
+
+
+def attention_choices() -> list[dict]:
+    """The auto dispatch's decisions so far in this process: case, winner, and every candidate's
+    time and error (empty on CPU, or when a backend was forced)."""
+    return [] if _tuner is None else _tuner.table()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
