@@ -150,7 +150,8 @@ def check_writable(directory: Path, *, create: bool = True) -> str | None:
 
 def check_resume(root: Path, *, resume: str | None, fresh: bool, world: int,
                  report: Report) -> str:
-    """The checkpoint the ranks will resume from is committed, hashes fine, and fits the world."""
+    """The checkpoint the ranks will resume from is committed and hashes fine; another world size
+    is converted by the ranks (mmtrain.distributed.deepspeed.load_checkpoint), so it is a note."""
     from mmtrain.checkpoint import MANIFEST, committed_steps, verify
 
     if fresh:
@@ -180,11 +181,12 @@ def check_resume(root: Path, *, resume: str | None, fresh: bool, world: int,
             return "no committed checkpoint: training starts at step 0"
     manifest = json.loads((ckpt / MANIFEST).read_text())
     saved_world = int(manifest["world_size"])
-    if saved_world != world:
-        raise ValueError(f"checkpoint {ckpt} was saved by {saved_world} ranks but this launch has "
-                         f"{world}; resume with {saved_world} ranks, or start a new run "
-                         "(train.name) / --fresh")
-    return f"resumes from {ckpt} (committed, {len(manifest['files'])} files pass their sha256)"
+    note = f"resumes from {ckpt} (committed, {len(manifest['files'])} files pass their sha256)"
+    if saved_world != world:  # e.g. relaunched on fewer nodes after losing one
+        note += (f"; it was saved by {saved_world} ranks and this launch has {world}: the ranks "
+                 "convert it (DeepSpeed universal checkpoint) when they load it, the data "
+                 "position included")
+    return note
 
 
 # ------------------------------------------------------------------------------------ network

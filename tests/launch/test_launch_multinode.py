@@ -137,3 +137,22 @@ def test_sigterm_reaches_the_ranks_which_save(demo_corpus, tmp_path):
     (ckpt,) = committed_steps(tmp_path / "stopped" / "checkpoints")[:1]
     verify(ckpt)
     assert 2 <= int(ckpt.name.split("_")[1]) < 500
+
+
+def test_world_size_changes_through_launch(demo_corpus, tmp_path):
+    """2 ranks → 1 → 2 (a node lost, then back): each launch resumes the previous one's checkpoint,
+    converted by the ranks; preflight says so instead of refusing."""
+    run, seen = tmp_path / "elastic", []
+    for nproc, resumed_at in ((2, None), (1, 2), (2, 4)):
+        proc = start(demo_corpus, tmp_path, "elastic", "--nproc-per-node", str(nproc),
+                     overrides=(f"train.steps={STEPS}", "train.stop_after=2", "train.ckpt_every=2"))
+        _, err = finish(proc)
+        if resumed_at:
+            assert (f"step_{resumed_at:08d} (committed" in err and
+                    f"saved by {3 - nproc} ranks and this launch has {nproc}" in err), err
+        log = (run / "logs" / "rank_0.log").read_text()
+        seen.append([line.rsplit("at step", 1)[1].strip() for line in log.splitlines()
+                     if "resumed from" in line])
+    assert seen == [[], ["2"], ["2", "4"]]
+    got = losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(0 < v < 20 for v in got.values()), got

@@ -120,10 +120,12 @@ def test_resume_checkpoint_must_be_committed_and_intact(capsys, demo_corpus, tmp
                     "file model.pt fails its sha256 check")
 
 
-def test_resume_checkpoint_must_fit_the_world(capsys, demo_corpus, tmp_path):
+def test_another_world_size_is_converted_not_refused(capsys, demo_corpus, tmp_path):
     make_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 6, world=4)
-    preflight_fails(capsys, tmp_path, tiny_args(demo_corpus, tmp_path / "runs", "r"),
-                    "step_00000006 was saved by 4 ranks but this launch has 2")
+    assert launch_main([*tiny_args(demo_corpus, tmp_path / "runs", "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "step_00000006 (committed, 2 files pass their sha256); it was saved by 4 ranks and " \
+        "this launch has 2: the ranks convert it" in out, out
 
 
 def test_checkpoint_directory_must_be_writable(capsys, demo_corpus, tmp_path):
