@@ -17,7 +17,7 @@ SPEC = ModelConfig().media()
 
 def make_cfg(corpus, **kw) -> DataConfig:
     base = dict(train=str(corpus / "train"), num_workers=0, num_streams=4, seq_len=256,
-                micro_batch_size=2, shuffle_window=8)
+                micro_batch_size=2, shuffle_buffer=8)
     return DataConfig(**{**base, **kw})
 
 
@@ -110,8 +110,8 @@ def test_changed_data_or_layout_is_refused(demo_corpus):
 
 
 def test_too_few_shards_or_streams_fail_at_start(demo_corpus):
-    with pytest.raises(ValueError, match="exceeds the 6 shards"):
-        loader(make_cfg(demo_corpus, num_streams=7))
+    with pytest.raises(ValueError, match=r"num_streams=5000 exceeds the \d+ samples in 6 shards"):
+        loader(make_cfg(demo_corpus, num_streams=5000))
     with pytest.raises(ValueError, match="fewer than the 4 consumers"):
         loader(make_cfg(demo_corpus, num_streams=3, num_workers=2), rank=0, world=2)
 

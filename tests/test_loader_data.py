@@ -27,7 +27,7 @@ SPEC = ModelConfig().media()
 
 def loader(train, tmp_path=None, **kw):
     cfg = DataConfig(**{**dict(train=str(train), num_workers=0, num_streams=2, seq_len=256,
-                               micro_batch_size=4, shuffle_window=4), **kw})
+                               micro_batch_size=4, shuffle_buffer=4), **kw})
     q = tmp_path / "quarantine.jsonl" if tmp_path else None
     return ShardLoader(cfg, spec=SPEC, tokenizer=TOK, rank=0, world_size=1, quarantine=q)
 

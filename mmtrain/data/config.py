@@ -58,9 +58,10 @@ class DataConfig:
     tokenizer: str = "bytes"  # "bytes" or a tokenizer.json from `mmtrain data train-tokenizer`
     seq_len: int = 512  # tokens per packed row
     micro_batch_size: int = 8  # rows per rank per micro-step
-    num_streams: int = 8  # logical streams: fixed by the dataset, independent of ranks/workers
+    num_streams: int = 8  # logical streams per dataset: fixed for a run, independent of ranks/workers
     num_workers: int = 1  # decode worker processes per rank (0: decode in the training process)
-    shuffle_window: int = 64  # bounded sample shuffle, within a shard
+    shuffle_shards: int = 4  # shard slices a stream reads at once, interleaved (cross-shard shuffle)
+    shuffle_buffer: int = 256  # samples in each stream's seeded shuffle buffer
     seed: int = 0
     long_docs: str = "split"  # a document longer than a row: "split" across rows, or "drop"
     allow_data_change: bool = False  # resume even if the dataset fingerprint changed
@@ -76,13 +77,12 @@ class DataConfig:
         for name, weight in self.mix.items():
             if not weight > 0:
                 raise ValueError(f"data.mix.{name}={weight!r} must be > 0")
-        require(len(self.mix) <= self.num_streams, "mix",
-                f"has more datasets than data.num_streams={self.num_streams}")
         require(self.seq_len >= 16, "seq_len", "must be >= 16")
         require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         require(self.num_streams >= 1, "num_streams", "must be >= 1")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
-        require(self.shuffle_window >= 1, "shuffle_window", "must be >= 1")
+        require(self.shuffle_shards >= 1, "shuffle_shards", "must be >= 1 (1: one shard at a time)")
+        require(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1 (1: no shuffle buffer)")
         require(self.long_docs in ("split", "drop"), "long_docs", "must be 'split' or 'drop'")
         require(self.synth_samples >= 10, "synth_samples", "must be >= 10")
         require(self.max_consecutive_failures >= 1, "max_consecutive_failures", "must be >= 1")

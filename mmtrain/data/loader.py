@@ -1,21 +1,28 @@
 """Deterministic, resumable streaming over WebDataset tar shards (ARCHITECTURE.md, contract 4).
 
-Design (the resume semantics are ours; webdataset itself keeps no state):
+Design (the resume semantics are ours; webdataset itself keeps no state; docs/loader.md):
 
-* The dataset is split into `num_streams` **logical streams**, fixed by the data config and
-  independent of the number of ranks and workers. In epoch `e`, the shards are permuted with
-  seed (seed, e) and shard j of the permutation belongs to stream j mod num_streams.
-* A stream reads its shards in order with webdataset's tar iteration; inside a shard, samples are
-  shuffled in windows of `shuffle_window` consecutive samples (a bounded shuffle whose order is a
-  pure function of (seed, epoch, shard, window)). Bad samples are skipped deterministically.
-* Each stream has its own packer. Its state after a row is (epoch, shard cursor, sample index,
-  token offset in that sample): re-reading from there reproduces the following rows exactly.
-  Streams loop over epochs forever, so every rank always has a next batch (no rank runs dry and
-  hangs the others at an epoch end); the training loop decides how many steps to take.
-* Consumer (rank r, worker w) of R·W serves the streams s with s mod (R·W) = r·W + w: whole
-  streams, so after a change of world size or worker count the streams are reassigned and no
-  sample is lost or served twice. Workers of a rank are rotated on resume so that the DataLoader's
-  round-robin over workers continues where it stopped (exact resume on the same layout).
+* Every dataset of the mix is split into `num_streams` **logical streams**, fixed by the data
+  config and independent of the number of ranks and workers. In epoch `e` the dataset's shards
+  are permuted with seed (seed, dataset, e), their samples laid end to end, and stream j reads the
+  j-th of `num_streams` equal ranges of that order: slices of shards, so every stream reads the
+  same number of samples per epoch (a small remainder shard is not over-sampled) and a dataset
+  needs only as many samples as streams, not shards.
+* Cross-shard shuffle: a stream reads its slices in groups of `shuffle_shards`; the slices of a
+  group are interleaved by a seeded random merge and drawn through a seeded shuffle buffer of
+  `shuffle_buffer` samples. The order is a pure function of (seed, dataset, stream, epoch, group)
+  and the shard bytes, so the position (epoch, group, samples drawn) is a complete resume point:
+  resuming re-reads the group's raw samples up to it (no decode) and continues.
+* Each stream has its own packer. Its state after a row is (epoch, group, sample index, token
+  offset in that sample). Streams loop over epochs forever, so every rank always has a next batch;
+  the training loop decides how many steps to take.
+* Consumer c of C (rank r, worker w: c = r·W + w) serves, in every dataset, the streams
+  j ≡ c (mod C): whole streams, the same number from each dataset. It takes its next row from the
+  stream with the smallest (rows + 1) / weight: deterministic weighted fair queueing, so each
+  consumer's rows (and so every rank's and the run's) follow the mix weights to within a row per
+  stream, at any world size and worker count. After a change of world size or worker count the
+  streams are reassigned; no sample is lost or served twice. Workers of a rank are rotated on
+  resume so that the DataLoader's round-robin continues where it stopped (exact resume).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +50,7 @@ from mmtrain.data.schema import SampleError, parse_sample
 from mmtrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger("mmtrain.data")
-STATE_VERSION = 1
+STATE_VERSION = 2
 POLICY_COUNTS = ("split_docs", "dropped_docs")
 
 
@@ -82,63 +90,92 @@ def _read_index(base: str) -> dict[str, Any]:
 
 
 class StreamPlan:
-    """Which dataset, and which share of its shards, each logical stream reads.
+    """The datasets of the run, their weights, and the logical streams that read them.
 
-    Several datasets mix by weight: each gets a number of logical streams proportional to its
-    weight (at least one). Consumers draw rows evenly from their streams, so over the run the
-    datasets contribute rows in proportion to their stream counts — deterministic, and resumable
-    like a single dataset. Streams of different datasets are interleaved so that consumers share
-    the mix.
+    Global stream id s = dataset · num_streams + j, where j is the stream's index in its dataset.
     """
 
     def __init__(self, cfg: DataConfig) -> None:
         sources = cfg.mix or {cfg.train: 1.0}
+        self.names = list(sources)
         self.sets = [ShardSet(base, allow_pipe=cfg.allow_pipe) for base in sources]
-        weights = np.asarray(list(sources.values()), float)
-        counts = np.maximum(1, np.floor(weights / weights.sum() * cfg.num_streams)).astype(int)
-        while counts.sum() < cfg.num_streams:  # largest remainder
-            counts[np.argmax(weights / weights.sum() * cfg.num_streams - counts)] += 1
-        while counts.sum() > cfg.num_streams:
-            counts[np.argmax(counts)] -= 1
-        self.counts = [int(c) for c in counts]
-        order = sorted((j / c, d, j) for d, c in enumerate(self.counts) for j in range(c))
-        self.streams = [(d, j) for _, d, j in order]  # logical stream → (dataset, local index)
+        total = float(sum(sources.values()))
+        self.weights = [w / total for w in sources.values()]
+        self.per_dataset = cfg.num_streams
+        self.num_streams = len(self.sets) * cfg.num_streams
+        self.seed = cfg.seed
+        self.share_names = share_names(self.names)
         parts = [f"{s.fingerprint}:{w}" for s, w in zip(self.sets, sources.values())]
         self.fingerprint = self.sets[0].fingerprint if len(self.sets) == 1 else \
             hashlib.sha256("|".join(parts).encode()).hexdigest()
-        self.names = list(sources)
 
-    def check(self, num_streams: int, consumers: int) -> None:
-        for name, shards, count in zip(self.names, self.sets, self.counts):
-            check_layout(len(shards), count, 1, name)
-        check_layout(num_streams, num_streams, consumers, " + ".join(self.names))
+    def dataset(self, stream: int) -> int:
+        return stream // self.per_dataset
+
+    def weight(self, stream: int) -> float:
+        return self.weights[self.dataset(stream)]
+
+    def slices(self, stream: int, epoch: int) -> list[tuple[int, int, int]]:
+        d = self.dataset(stream)
+        return stream_slices(self.sets[d].samples, self.per_dataset, stream % self.per_dataset,
+                             epoch, [self.seed, d])
+
+    def streams_of_consumer(self, consumer: int, consumers: int) -> list[int]:
+        return [s for s in range(self.num_streams) if s % self.per_dataset % consumers == consumer]
+
+    def check(self, consumers: int) -> None:
+        for name, shards in zip(self.names, self.sets):
+            check_layout(len(shards), self.per_dataset, consumers, name,
+                         num_samples=sum(shards.samples))
+
+
+def share_names(keys: list[str]) -> list[str]:
+    """The last path component of each mix key, made unique with -2, -3, ... (metric names)."""
+    names: list[str] = []
+    for key in keys:
+        base = re.sub(r"[^\w.\-]", "_", key.rstrip("/").rsplit("/", 1)[-1]) or "data"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
 
 
 @dataclasses.dataclass
 class StreamState:
     epoch: int = 0
-    shard_cursor: int = 0  # index into the stream's shard list for this epoch
-    sample: int = 0  # next sample (in shuffled order) of that shard
+    group: int = 0  # group of `shuffle_shards` shard slices of this stream's epoch being read
+    sample: int = 0  # next sample (in the group's shuffled order) of that group
     offset: int = 0  # tokens of that sample already emitted (a document split across rows)
     rows: int = 0  # rows emitted so far
     skipped: int = 0  # bad samples skipped so far
 
 
-def stream_shards(num_shards: int, num_streams: int, stream: int, epoch: int, seed: int) -> list[int]:
-    order = np.random.default_rng([seed, epoch]).permutation(num_shards)
-    return [int(i) for i in order[stream::num_streams]]
+def stream_slices(samples: list[int], num_streams: int, stream: int, epoch: int,
+                  seed: list[int]) -> list[tuple[int, int, int]]:
+    """Stream `stream`'s (shard, first, stop) sample ranges in `epoch`: the j-th of `num_streams`
+    equal ranges of the shards laid end to end in a seeded per-epoch shard order."""
+    order = np.random.default_rng([*seed, epoch]).permutation(len(samples))
+    total = sum(samples)
+    lo, hi = stream * total // num_streams, (stream + 1) * total // num_streams
+    out, at = [], 0
+    for shard in order:
+        n = samples[shard]
+        first, stop = max(lo, at), min(hi, at + n)
+        if first < stop:
+            out.append((int(shard), first - at, stop - at))
+        at += n
+    return out
 
 
-def streams_of_consumer(num_streams: int, consumer: int, consumers: int) -> list[int]:
-    return [s for s in range(num_streams) if s % consumers == consumer]
-
-
-def check_layout(num_shards: int, num_streams: int, consumers: int, what: str) -> None:
+def check_layout(num_shards: int, num_streams: int, consumers: int, what: str, *,
+                 num_samples: int | None = None) -> None:
     """Fail at start, with the fix, when shards/streams/consumers cannot be laid out."""
-    if num_shards < num_streams:
-        raise ValueError(f"{what}: data.num_streams={num_streams} exceeds the {num_shards} shards; "
-                         "every logical stream needs a shard: lower data.num_streams or re-shard "
-                         "into more shards")
+    if num_shards < 1 or (num_samples is not None and num_samples < num_streams):
+        raise ValueError(f"{what}: data.num_streams={num_streams} exceeds the {num_samples} "
+                         f"samples in {num_shards} shards; every logical stream needs a sample: "
+                         "lower data.num_streams or add data")
     if num_streams < consumers:
         raise ValueError(f"{what}: data.num_streams={num_streams} is fewer than the {consumers} "
                          "consumers (ranks × data.num_workers); every consumer serves whole "
@@ -146,53 +183,67 @@ def check_layout(num_shards: int, num_streams: int, consumers: int, what: str) -
                          "data.num_workers")
 
 
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def normalize_reason(reason: str) -> str:
+    """The same failure gives the same text: no object addresses (`<_io.BytesIO object at 0x7f…>`
+    → `<_io.BytesIO>`), one line, bounded length — so quarantine records can be deduplicated."""
+    reason = _ADDRESS.sub("", reason)
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= 500 else reason[:497] + "..."
+
+
 class LogicalStream:
-    """One logical stream: shards → samples → documents → packed rows, with exact resume."""
+    """One logical stream: shard slices → shuffled samples → documents → packed rows."""
 
     def __init__(self, stream: int, plan: StreamPlan, cfg: DataConfig, spec: MediaSpec,
                  tokenizer: Tokenizer, state: StreamState, policy: str | None = None) -> None:
-        self.stream, self.cfg, self.spec, self.tok = stream, cfg, spec, tokenizer
-        dataset, self.local = plan.streams[stream]
-        self.shards, self.local_streams = plan.sets[dataset], plan.counts[dataset]
+        self.stream, self.plan, self.cfg, self.spec, self.tok = stream, plan, cfg, spec, tokenizer
+        self.dataset = plan.dataset(stream)
+        self.shards = plan.sets[self.dataset]
         self.state = dataclasses.replace(state)
         self.packer = Packer(cfg.seq_len, pad_id=tokenizer.pad, policy=policy or cfg.long_docs,
                              placeholder_ids=(tokenizer.image, tokenizer.audio))
         self.pending_skips: list[dict[str, Any]] = []
         self.consecutive_failures = 0
+        self.epoch = state.epoch  # the epoch being read (quarantine records carry it)
 
     def rows(self) -> Iterator[tuple[Row, StreamState, list[dict[str, Any]]]]:
         st = self.state
-        epoch, cursor, first_sample, offset = st.epoch, st.shard_cursor, st.sample, st.offset
+        epoch, group, first_sample, offset = st.epoch, st.group, st.sample, st.offset
         rows, skipped = st.rows, st.skipped
+        k_shards = self.cfg.shuffle_shards
         while True:
-            shard_ids = stream_shards(len(self.shards), self.local_streams, self.local, epoch,
-                                      self.cfg.seed)
+            self.epoch = epoch
+            slices = self.plan.slices(self.stream, epoch)
+            groups = [slices[i:i + k_shards] for i in range(0, len(slices), k_shards)]
             docs_in_epoch = 0
-            while cursor < len(shard_ids):
-                shard = shard_ids[cursor]
-                for k, raw in self._shard_samples(shard, epoch, first_sample):
+            while group < len(groups):
+                for k, shard, raw in self._group_samples(epoch, group, groups[group], first_sample):
                     doc = self._document(shard, raw)
                     if doc is None:
                         skipped += 1
                         continue
                     docs_in_epoch += 1
                     self.consecutive_failures = 0
-                    doc.pos, doc.key = (epoch, cursor, k), raw["__key__"]
+                    doc.pos, doc.key = (epoch, group, k), raw["__key__"]
                     self.packer.add(doc, offset)
                     offset = 0
                     for row in self.packer.rows():
-                        (e, c, s), consumed, done = row.end
+                        (e, g, s), consumed, done = row.end
                         rows += 1
-                        state = StreamState(epoch=e, shard_cursor=c, sample=s + 1 if done else s,
+                        state = StreamState(epoch=e, group=g, sample=s + 1 if done else s,
                                             offset=0 if done else consumed, rows=rows,
                                             skipped=skipped)
                         skips, self.pending_skips = self.pending_skips, []
                         yield row, state, skips
-                cursor, first_sample = cursor + 1, 0
-            if docs_in_epoch == 0 and shard_ids:
+                group, first_sample = group + 1, 0
+            if docs_in_epoch == 0 and groups:
+                names = sorted({self.shards.names[shard] for shard, _, _ in slices})
                 raise RuntimeError(f"logical stream {self.stream} read no usable sample in epoch "
-                                   f"{epoch} from shards {[self.shards.names[i] for i in shard_ids]}")
-            epoch, cursor = epoch + 1, 0
+                                   f"{epoch} from shards {names}")
+            epoch, group = epoch + 1, 0
 
     def _document(self, shard: int, raw: dict[str, Any]):
         key = raw.get("__key__", "?")
@@ -205,8 +256,10 @@ class LogicalStream:
             return None
 
     def _skip(self, shard: int, key: str, reason: str) -> None:
-        self.pending_skips.append({"shard": self.shards.names[shard], "key": key, "reason": reason,
-                                   "stream": self.stream})
+        reason = normalize_reason(reason)
+        self.pending_skips.append({"dataset": self.plan.share_names[self.dataset],
+                                   "shard": self.shards.names[shard], "key": key,
+                                   "reason": reason, "stream": self.stream, "epoch": self.epoch})
         if key == "*":  # a whole shard: counted, not a run of bad samples
             return
         self.consecutive_failures += 1
@@ -216,32 +269,58 @@ class LogicalStream:
                 f"{self.shards.urls[shard]} (stream {self.stream}); last: {key}: {reason}. "
                 "Check the shard with `mmtrain data verify`")
 
-    def _shard_samples(self, shard: int, epoch: int, start: int) -> Iterator[tuple[int, dict]]:
-        """Samples of one shard in windowed-shuffle order, from index `start` on."""
-        window: list[dict] = []
-        w = self.cfg.shuffle_window
-        index = 0  # raw samples read in this shard
-        for raw in self._read_tar(shard):
-            index += 1
-            if index <= (start // w) * w:  # whole windows before the resume point: no decode
-                continue
-            window.append(raw)
-            if len(window) == w:
-                yield from self._emit_window(shard, epoch, index - w, window, start)
-                window = []
-        if window:
-            yield from self._emit_window(shard, epoch, index - len(window), window, start)
-        expected = self.shards.samples[shard]
-        if index != expected:
-            self._skip(shard, "*", f"shard holds {index} readable samples, dataset.json says "
-                                   f"{expected}: {expected - index} lost")
+    def _group_samples(self, epoch: int, group: int, slices: list[tuple[int, int, int]],
+                       start: int) -> Iterator[tuple[int, int, dict]]:
+        """(index in the group's order, shard, raw sample) of one group, from index `start` on.
 
-    def _emit_window(self, shard: int, epoch: int, first: int, window: list[dict],
-                     start: int) -> Iterator[tuple[int, dict]]:
-        rng = np.random.default_rng([self.cfg.seed, epoch, shard, first])
-        for j, i in enumerate(rng.permutation(len(window))):
-            if first + j >= start:
-                yield first + j, window[i]
+        The group's slices are merged in a seeded random order (each next sample comes from a
+        slice with probability ∝ its samples left, so the slices end together) and drawn through
+        a seeded shuffle buffer. Samples before `start` are read but not decoded (resume).
+        """
+        rng = np.random.default_rng([self.cfg.seed, self.stream, epoch, group])
+        readers = [(shard, self._slice(shard, first, stop)) for shard, first, stop in slices]
+        left = [stop - first for _, first, stop in slices]
+        buffer: list[tuple[int, dict]] = []
+        size, k = self.cfg.shuffle_buffer, 0
+        try:
+            while readers or buffer:
+                if readers and len(buffer) < size:
+                    i = _weighted_pick(rng, left)
+                    shard, reader = readers[i]
+                    raw = next(reader, None)
+                    left[i] -= 1
+                    if raw is None or left[i] == 0:  # slice done (or ended early: recorded)
+                        reader.close()
+                        del readers[i], left[i]
+                    if raw is not None:
+                        buffer.append((shard, raw))
+                    continue
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                shard, raw = buffer.pop()
+                if k >= start:
+                    yield k, shard, raw
+                k += 1
+        finally:
+            for _, reader in readers:
+                reader.close()
+
+    def _slice(self, shard: int, first: int, stop: int) -> Iterator[dict]:
+        """Samples first..stop-1 of a shard (the ones before `first` are read and dropped)."""
+        reader = self._read_tar(shard)
+        n = 0
+        try:
+            for raw in reader:
+                if n >= first:
+                    yield raw
+                n += 1
+                if n >= stop:
+                    return
+        finally:
+            reader.close()
+        expected = self.shards.samples[shard]
+        self._skip(shard, "*", f"shard holds {n} readable samples, dataset.json says {expected}: "
+                               f"{stop - max(n, first)} of this stream's samples lost")
 
     def _read_tar(self, shard: int) -> Iterator[dict]:
         url = self.shards.urls[shard]
@@ -261,11 +340,50 @@ class LogicalStream:
             stream.close()
 
 
+
+def _weighted_pick(rng: np.random.Generator, weights: list[int]) -> int:
+    x = rng.random() * sum(weights)
+    for i, w in enumerate(weights):
+        x -= w
+        if x < 0:
+            return i
+    return len(weights) - 1
+
+
 @dataclasses.dataclass
 class LoaderItem:
     batch: Batch
     states: dict[int, dict[str, Any]]  # stream → StreamState after this batch
     skips: list[dict[str, Any]]
+
+
+def consumer_items(plan: StreamPlan, cfg: DataConfig, spec: MediaSpec, tokenizer: Tokenizer,
+                   states: dict[int, StreamState], consumer: int,
+                   consumers: int) -> Iterator[LoaderItem]:
+    """The batches consumer `consumer` of `consumers` produces from `states` on (the unit a
+    DataLoader worker runs; tests run several in one process to simulate ranks and workers)."""
+    mine = plan.streams_of_consumer(consumer, consumers)
+    streams = {s: LogicalStream(s, plan, cfg, spec, tokenizer, states[s]) for s in mine}
+    iters = {s: streams[s].rows() for s in mine}
+    emitted = {s: states[s].rows for s in mine}
+    weight = {s: plan.weight(s) for s in mine}
+    while True:
+        rows, new_states, skips, keys = [], {}, [], []
+        before = [sum(getattr(st.packer, c) for st in streams.values()) for c in POLICY_COUNTS]
+        for _ in range(cfg.micro_batch_size):
+            # Weighted fair queueing over the streams: a pure function of the states.
+            s = min(mine, key=lambda s: ((emitted[s] + 1) / weight[s], s))
+            row, state, row_skips = next(iters[s])
+            emitted[s] += 1
+            rows.append(row)
+            keys += [(s, key) for key in row.keys]
+            new_states[s] = dataclasses.asdict(state)
+            skips += row_skips
+        batch = collate_rows(rows, spec, image_token=tokenizer.image, audio_token=tokenizer.audio)
+        batch.doc_keys = keys
+        for c, b in zip(POLICY_COUNTS, before):  # documents split / dropped by the row policy
+            batch.counts[c] = sum(getattr(st.packer, c) for st in streams.values()) - b
+        yield LoaderItem(batch, new_states, skips)
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -282,33 +400,15 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         virtual = (worker + self.worker_offset) % workers
-        mine = streams_of_consumer(self.cfg.num_streams, self.rank * workers + virtual,
-                                   self.world_size * workers)
-        streams = {s: LogicalStream(s, self.plan, self.cfg, self.spec, self.tok, self.states[s])
-                   for s in mine}
-        iters = {s: streams[s].rows() for s in mine}
-        emitted = {s: self.states[s].rows for s in mine}
-        while True:
-            rows, states, skips, keys = [], {}, [], []
-            before = [sum(getattr(st.packer, c) for st in streams.values()) for c in POLICY_COUNTS]
-            for _ in range(self.cfg.micro_batch_size):
-                s = min(mine, key=lambda s: (emitted[s], s))  # a pure function of the states
-                row, state, row_skips = next(iters[s])
-                emitted[s] += 1
-                rows.append(row)
-                keys += [(s, key) for key in row.keys]
-                states[s] = dataclasses.asdict(state)
-                skips += row_skips
-            batch = collate_rows(rows, self.spec, image_token=self.tok.image,
-                                 audio_token=self.tok.audio)
-            batch.doc_keys = keys
-            for c, b in zip(POLICY_COUNTS, before):  # documents split / dropped by the row policy
-                batch.counts[c] = sum(getattr(st.packer, c) for st in streams.values()) - b
-            yield LoaderItem(batch, states, skips)
+        return consumer_items(self.plan, self.cfg, self.spec, self.tok, self.states,
+                              self.rank * workers + virtual, self.world_size * workers)
 
 
 class ShardLoader:
-    """One rank's view of the training data: an iterator of Batches with a saveable state."""
+    """One rank's view of the training data: an iterator of Batches with a saveable state.
+
+    Call `close()` when done: it stops the decode workers cleanly.
+    """
 
     def __init__(self, cfg: DataConfig, *, spec: MediaSpec, tokenizer: Tokenizer, rank: int,
                  world_size: int, quarantine: Path | None = None) -> None:
@@ -316,12 +416,13 @@ class ShardLoader:
         self.rank, self.world_size = rank, world_size
         self.plan = StreamPlan(cfg)
         workers = max(1, cfg.num_workers)
-        self.plan.check(cfg.num_streams, world_size * workers)
-        self.owned = [s for s in range(cfg.num_streams)
-                      if (s % (world_size * workers)) // workers == rank]
+        self.plan.check(world_size * workers)
+        self.owned = [s for r in range(workers)
+                      for s in self.plan.streams_of_consumer(rank * workers + r, world_size * workers)]
+        self.owned.sort()
         self.states = {s: StreamState() for s in self.owned}
         self.batches = 0  # batches delivered to this rank's training loop
-        self.quarantine = quarantine
+        self.quarantine = Quarantine(quarantine) if quarantine is not None else None
         self.skipped = 0
         self._iter: Iterator[LoaderItem] | None = None
         self._last_log = 0.0
@@ -339,6 +440,20 @@ class ShardLoader:
             self._record_skips(item.skips)
         return item.batch
 
+    def close(self) -> None:
+        """Stop the decode workers and wait for them (idempotent). Without this, workers are torn
+        down by the interpreter's exit, mid-prefetch, and abort noisily."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> "ShardLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def _dataloader(self) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
         dataset = StreamingDataset(self.plan, self.cfg, self.spec, self.tok, rank=self.rank,
@@ -352,21 +467,35 @@ class ShardLoader:
     def _record_skips(self, skips: list[dict[str, Any]]) -> None:
         self.skipped += sum(s["key"] != "*" for s in skips)
         if self.quarantine is not None:
-            self.quarantine.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.quarantine, "a") as f:
-                for s in skips:
-                    f.write(json.dumps(s) + "\n")
+            self.quarantine.write(skips)
         now = time.monotonic()
         if now - self._last_log > 10.0:  # rate-limited: one line per 10 s at most; never sleeps
             self._last_log = now
-            log.warning("rank %d skipped %d bad samples so far (latest: %s %s: %s); see %s",
+            where = (f"see {self.quarantine.path}" if self.quarantine is not None
+                     else "no quarantine file is written for this loader")
+            log.warning("rank %d skipped %d bad samples so far (latest: %s %s: %s); %s",
                         self.rank, self.skipped, skips[-1]["shard"], skips[-1]["key"],
-                        skips[-1]["reason"], self.quarantine)
+                        skips[-1]["reason"], where)
+
+    # ---- mix reporting
+    @property
+    def share_names(self) -> list[str]:
+        return self.plan.share_names
+
+    def dataset_rows(self) -> list[int]:
+        """Rows of each dataset this rank's streams have delivered, over the whole run (stream
+        histories travel with the state, so the count survives resume at any world size). The
+        sum over ranks is the run's total."""
+        rows = [0] * len(self.plan.sets)
+        for s, st in self.states.items():
+            rows[self.plan.dataset(s)] += st.rows
+        return rows
 
     # ---- state
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "fingerprint": self.plan.fingerprint,
                 "num_streams": self.cfg.num_streams, "seed": self.cfg.seed,
+                "shuffle": [self.cfg.shuffle_shards, self.cfg.shuffle_buffer],
                 "rank": self.rank, "world_size": self.world_size, "batches": self.batches,
                 "streams": {str(s): dataclasses.asdict(self.states[s]) for s in self.owned}}
 
@@ -374,30 +503,77 @@ class ShardLoader:
         """Load from the state files of all ranks of the saved run (any world size)."""
         merged: dict[int, StreamState] = {}
         for st in rank_states:
-            if st.get("version") != STATE_VERSION:
-                raise ValueError(f"loader state version {st.get('version')} is not {STATE_VERSION}")
-            if st["num_streams"] != self.cfg.num_streams or st["seed"] != self.cfg.seed:
-                raise ValueError(
-                    f"loader state has num_streams={st['num_streams']}, seed={st['seed']}; the "
-                    f"config has data.num_streams={self.cfg.num_streams}, data.seed={self.cfg.seed}. "
-                    "Both must stay fixed for a run")
-            if st["fingerprint"] != self.plan.fingerprint and not self.cfg.allow_data_change:
-                raise ValueError(
-                    f"the data in {' + '.join(self.plan.names)} changed since the checkpoint (fingerprint "
-                    f"{self.plan.fingerprint[:12]} != {st['fingerprint'][:12]}); set "
-                    "data.allow_data_change=true to resume anyway")
+            self._check_state(st)
             merged.update({int(s): StreamState(**v) for s, v in st["streams"].items()})
             if st["rank"] == self.rank and st["world_size"] == self.world_size:
                 self.batches = st["batches"]
-        missing = sorted(set(range(self.cfg.num_streams)) - set(merged))
+        missing = sorted(set(range(self.plan.num_streams)) - set(merged))
         if missing:
             raise ValueError(f"loader state lacks logical streams {missing}: incomplete checkpoint")
+        self.close()
         self.states = {s: merged[s] for s in self.owned}
-        self._iter = None
+
+    def _check_state(self, st: dict[str, Any]) -> None:
+        if st.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {st.get('version')} is not {STATE_VERSION}")
+        shuffle = [self.cfg.shuffle_shards, self.cfg.shuffle_buffer]
+        if (st["num_streams"] != self.cfg.num_streams or st["seed"] != self.cfg.seed
+                or st["shuffle"] != shuffle):
+            raise ValueError(
+                f"loader state has num_streams={st['num_streams']}, seed={st['seed']}, "
+                f"shuffle_shards, shuffle_buffer={st['shuffle']}; the config has "
+                f"data.num_streams={self.cfg.num_streams}, data.seed={self.cfg.seed}, "
+                f"{shuffle}. These must stay fixed for a run")
+        if st["fingerprint"] != self.plan.fingerprint and not self.cfg.allow_data_change:
+            raise ValueError(
+                f"the data in {' + '.join(self.plan.names)} changed since the checkpoint (fingerprint "
+                f"{self.plan.fingerprint[:12]} != {st['fingerprint'][:12]}); set "
+                "data.allow_data_change=true to resume anyway")
 
     def epochs(self) -> float:
         """The lowest epoch any of this rank's streams is in (for reporting)."""
         return min(st.epoch for st in self.states.values())
+
+
+class Quarantine:
+    """quarantine/rank_K.jsonl: one line per skipped sample or shard problem, never twice.
+
+    Records are deterministic (normalized reasons, the epoch they were met in), so a resume that
+    re-reads samples after the checkpoint — on this rank or, after a world-size change, on
+    another — finds them already written by some rank_*.jsonl of the directory and skips them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.seen: set[str] = set()
+        for sibling in sorted(self.path.parent.glob("*.jsonl")):
+            for line in sibling.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):  # a line torn by a crash
+                    self.seen.add(_record_id(json.loads(line)))
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        new = []
+        for r in records:
+            rid = _record_id(r)
+            if rid not in self.seen:
+                self.seen.add(rid)
+                new.append(json.dumps(r, sort_keys=True))
+        if not new:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # start on a fresh line after a line torn by a crash
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+                f.seek(0, os.SEEK_END)
+                if torn:
+                    f.write(b"\n")
+            f.write(("\n".join(new) + "\n").encode())
+
+
+def _record_id(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)
 
 
 def _identity(x: Any) -> Any:
@@ -425,7 +601,8 @@ def eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec, tokenizer:
                  rank: int, world_size: int, num_batches: int) -> list[Batch]:
     """A fixed set of held-out batches: documents in shard order, striped over ranks, never split
     across rows (a caption always sees its media). Cycles over the split if it is small."""
-    eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_window=1)
+    eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_shards=1,
+                                   shuffle_buffer=1)
     plan = StreamPlan(eval_cfg)
     shards = plan.sets[0]
     stream = LogicalStream(0, plan, eval_cfg, spec, tokenizer, StreamState(), policy="drop")
