@@ -9,30 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import pyarrow.parquet as pq
-
 from data_tools.shards import (MANIFEST, ShardInfo, iter_shard, read_dataset_index, tar_file_bytes,
                                tar_member_bytes, write_dataset_index, write_shard)
+
+from mmtrain import storage
+from mmtrain.data import index
 
 Sample = tuple[str, dict[str, bytes], str]  # (key, members, source_row)
 
 
 def iter_samples(directory: str | Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """(shard name, key, members) for every sample of a dataset, in shard order."""
-    directory = Path(directory)
+    """(shard name, key, members) for every sample of a dataset (a folder or a URL), in shard
+    order."""
     for shard in read_dataset_index(directory)["shards"]:
-        for key, members in iter_shard(directory / shard["name"]):
+        for key, members in iter_shard(storage.join(directory, shard["name"])):
             yield shard["name"], key, members
 
 
 def read_manifest(directory: str | Path, columns: list[str] | None = None) -> dict[str, list]:
     """manifest.parquet as {column: values}; a missing or unreadable one is a ValueError."""
-    path = Path(directory) / MANIFEST
     read_dataset_index(directory)  # the clearer error first when the whole dataset is missing
-    try:
-        return pq.read_table(path, columns=columns).to_pydict()
-    except (OSError, ValueError) as e:  # FileNotFoundError, ArrowInvalid
-        raise ValueError(f"{path} cannot be read: {e}") from None
+    return index.read_manifest(directory, columns)
 
 
 def source_rows(directory: str | Path) -> dict[tuple[str, str], str]:

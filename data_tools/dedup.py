@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image
 
 from data_tools.dataset import Sample, iter_samples, prepare_output, source_rows, write_stream
+from data_tools.remote import output
 from data_tools.shards import atomic_write_bytes, document_hash
+from mmtrain import storage
 from mmtrain.data.schema import SampleError, parse_sample
 
 REMOVED = "removed.jsonl"
@@ -74,10 +76,18 @@ def dedup(inputs: list[str], out: str, *, near_images: bool = False, max_distanc
     """Write the deduplicated dataset to `out`; returns counts."""
     if not 0 <= max_distance < 32:
         raise ValueError(f"--max-distance={max_distance} must be in 0..31")
-    resolved = {Path(i).resolve() for i in inputs}
-    if Path(out).resolve() in resolved:
+    def ident(path: str) -> str:
+        return path.rstrip("/") if storage.is_url(path) else str(Path(path).resolve())
+
+    if ident(out) in {ident(i) for i in inputs}:
         raise ValueError("dedup writes a new dataset: OUT must not be one of the inputs")
-    out_dir = prepare_output(out, overwrite=overwrite)
+    with output(out, overwrite=overwrite) as staged:  # a URL: staged, then uploaded (index last)
+        return _dedup(inputs, prepare_output(staged, overwrite=overwrite), near_images,
+                      max_distance, max_samples, max_bytes)
+
+
+def _dedup(inputs: list[str], out_dir: Path, near_images: bool, max_distance: int,
+           max_samples: int, max_bytes: int) -> dict[str, Any]:
     counts = collections.Counter()
     removed: list[dict[str, Any]] = []
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from data_tools.dataset import iter_samples, read_manifest, source_rows
 from data_tools.shards import MANIFEST, iter_shard
+from mmtrain import storage
 from mmtrain.data.schema import SampleError, parse_sample
 
 CELL = 128  # contact sheet thumbnail size
@@ -22,7 +23,7 @@ TEXT_PREVIEW = 200
 def inspect(directory: str | Path, *, n: int = 5, key: str = "", contact_sheet: str = "",
             out: TextIO) -> int:
     """Print `n` samples (or the sample `key`); returns how many were shown."""
-    directory = Path(directory)
+    directory = str(directory)  # a folder or a URL
     sources = source_rows(directory)
     thumbs: list[tuple[str, Image.Image]] = []
     shown = 0
@@ -50,7 +51,7 @@ def _select(directory: Path, n: int, key: str) -> Iterator[tuple[str, str, dict[
     table = read_manifest(directory, ["shard", "key"])
     shards = [s for s, k in zip(table["shard"], table["key"]) if k == key]
     for shard in shards[:1]:
-        for k, members in iter_shard(directory / shard):
+        for k, members in iter_shard(storage.join(directory, shard)):
             if k == key:
                 yield shard, k, members
                 return

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_tools.dataset import Sample, iter_samples, prepare_output, source_rows, write_stream
+from data_tools.remote import output
+from mmtrain import storage
 
 
 def is_val(key: str, val_fraction: float, seed: int = 0) -> bool:
@@ -25,7 +27,7 @@ def split(directory: str, out: str, *, val_fraction: float, seed: int = 0,
     """Write out/train and out/val; returns their dataset.json contents."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction={val_fraction} must be in (0, 1)")
-    if Path(directory).resolve() in (Path(out, "train").resolve(), Path(out, "val").resolve()):
+    if _same(directory, storage.join(out, "train")) or _same(directory, storage.join(out, "val")):
         raise ValueError("split writes new datasets: OUT/train and OUT/val must not be the input")
     sources = source_rows(directory)
 
@@ -36,9 +38,18 @@ def split(directory: str, out: str, *, val_fraction: float, seed: int = 0,
 
     result = {}
     for name, val in (("train", False), ("val", True)):
-        target = prepare_output(Path(out) / name, overwrite=overwrite)
-        result[name] = write_stream(target, side(val), max_samples=max_samples,
-                                    max_bytes=max_bytes,
-                                    source={"split": {"input": directory, "side": name,
-                                                      "val_fraction": val_fraction, "seed": seed}})
+        # a URL: written to a staging folder, then uploaded with dataset.json last
+        with output(storage.join(out, name), overwrite=overwrite) as staged:
+            target = prepare_output(staged, overwrite=overwrite)
+            result[name] = write_stream(target, side(val), max_samples=max_samples,
+                                        max_bytes=max_bytes,
+                                        source={"split": {"input": directory, "side": name,
+                                                          "val_fraction": val_fraction,
+                                                          "seed": seed}})
     return result
+
+
+def _same(a: str, b: str) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()

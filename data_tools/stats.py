@@ -24,7 +24,7 @@ MODALITIES = ("text", "image", "audio")
 
 
 def compute_stats(directory: str | Path, *, scan: bool = False) -> dict[str, Any]:
-    directory = Path(directory)
+    directory = str(directory)  # a folder or a URL
     index = read_dataset_index(directory)
     m = read_manifest(directory)
     n = len(m["key"])

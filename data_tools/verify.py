@@ -20,6 +20,7 @@ from data_tools.dataset import read_manifest
 from data_tools.errors import Rejected
 from data_tools.media import DEFAULT_MAX_IMAGE_PIXELS, check_member
 from data_tools.shards import iter_tar_groups, read_dataset_index
+from mmtrain import storage
 from mmtrain.data.schema import SampleError, check_name, parse_sample
 
 MAX_PROBLEMS_PER_SHARD = 20
@@ -40,7 +41,7 @@ class VerifyReport:
 
 @dataclasses.dataclass
 class _ShardCheck:
-    path: Path
+    path: str  # a local path or a URL
     expected: dict[str, Any]  # name, sha256, samples, bytes (from dataset.json)
     keys: list[str]  # from the manifest
     decode: bool
@@ -50,7 +51,7 @@ class _ShardCheck:
 def verify(directory: str | Path, *, decode: bool = True, workers: int = 1,
            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> VerifyReport:
     t0 = time.perf_counter()
-    directory = Path(directory)
+    directory = str(directory)  # a folder or a URL
     try:
         index = read_dataset_index(directory)
         manifest = read_manifest(directory, ["shard", "key"])
@@ -61,8 +62,8 @@ def verify(directory: str | Path, *, decode: bool = True, workers: int = 1,
         keys.setdefault(shard, []).append(key)
 
     problems = _index_problems(directory, index, keys)
-    checks = [_ShardCheck(directory / s["name"], s, keys.get(s["name"], []), decode, max_pixels)
-              for s in index["shards"]]
+    checks = [_ShardCheck(storage.join(directory, s["name"]), s, keys.get(s["name"], []), decode,
+                          max_pixels) for s in index["shards"]]
     report = VerifyReport(problems, shards=len(checks))
     if workers > 1 and len(checks) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -77,7 +78,7 @@ def verify(directory: str | Path, *, decode: bool = True, workers: int = 1,
     return report
 
 
-def _index_problems(directory: Path, index: dict, keys: dict[str, list[str]]) -> list[str]:
+def _index_problems(directory: str, index: dict, keys: dict[str, list[str]]) -> list[str]:
     problems = []
     names = {s["name"] for s in index["shards"]}
     totals = index["totals"]
@@ -90,25 +91,29 @@ def _index_problems(directory: Path, index: dict, keys: dict[str, list[str]]) ->
                             f"rows, dataset.json says {shard['samples']} samples")
     for name in sorted(set(keys) - names):
         problems.append(f"manifest names shard {name}, which dataset.json does not list")
-    for path in sorted(directory.glob("*.tar")):
-        if path.name not in names:
-            problems.append(f"{path.name}: a shard file that dataset.json does not list")
+    listable = not (storage.is_url(directory) and directory.startswith("http"))  # no http ls
+    for name in storage.listdir(directory) if listable else []:
+        if name.endswith(".tar") and name not in names:
+            problems.append(f"{name}: a shard file that dataset.json does not list")
     return problems
 
 
 def _check_shard(check: _ShardCheck) -> tuple[list[str], int, int]:
     """(problems, samples read, bytes read) for one shard."""
     name, expected = check.expected["name"], check.expected
-    if not check.path.is_file():
+    try:
+        size = storage.size(check.path)
+    except (FileNotFoundError, IsADirectoryError):
         return [f"{name}: missing"], 0, 0
+    except storage.io_errors() as e:
+        return [f"{name}: cannot be read: {type(e).__name__}: {e}"], 0, 0
     problems: list[str] = []
-    size = check.path.stat().st_size
     if size != expected["bytes"]:
         problems.append(f"{name}: {size} bytes, dataset.json says {expected['bytes']} "
                         "(truncated or appended to)")
     found: list[str] = []
     key = None
-    with open(check.path, "rb") as f:
+    with storage.open_read(check.path) as f:
         reader = _HashingReader(f)
         try:
             for key, members in iter_tar_groups(reader):

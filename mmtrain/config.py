@@ -47,6 +47,11 @@ class TrainConfig:
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (exit code 3)
     spike_z: float = 6.0  # flag a loss above mean + spike_z·std (0 disables)
     peak_tflops: float = 0.0  # per device, for MFU; 0: detect (known GPUs), not reported on CPU
+    # Hang diagnosis (mmtrain/watchdog.py): when no step completes for this long, every rank writes
+    # its Python stacks to RUN/logs/stacks_rank_K_<time>.txt. Must be below engine.timeout_minutes
+    # (the collective timeout ends the hang). Also longer than a step and a checkpoint save, or a
+    # slow save leaves a (harmless) dump. 0 disables the timer; SIGUSR2 always dumps.
+    hang_dump_minutes: float = 5.0
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
@@ -60,6 +65,8 @@ class TrainConfig:
                  "must be >= 1")
         _require(self.spike_z >= 0, "train.spike_z", self.spike_z, "must be >= 0")
         _require(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "must be >= 0")
+        _require(self.hang_dump_minutes >= 0, "train.hang_dump_minutes", self.hang_dump_minutes,
+                 "must be >= 0 (0 disables the hang timer)")
         _require(self.keep_last >= 2, "train.keep_last", self.keep_last, "must be >= 2")
         _require(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
                  "train.name", self.name, "must be a plain directory name")
@@ -97,6 +104,11 @@ class RunConfig:
         for section in dataclasses.fields(self):  # nan/inf pass every `x > 0` style range check
             _check_finite(getattr(self, section.name), section.name)
         # Cross-component checks: the only place that sees two components at once.
+        hang, timeout = self.train.hang_dump_minutes, self.engine.timeout_minutes
+        if hang and hang >= timeout:
+            raise ValueError(f"train.hang_dump_minutes={hang:g} must be below "
+                             f"engine.timeout_minutes={timeout:g}: the collective timeout ends a "
+                             "hang (and the ranks) before the stacks would be dumped")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds "
                              f"model.max_seq_len={self.model.max_seq_len}")

@@ -35,6 +35,7 @@ from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag
                             parameters_finite)
 from mmtrain.metrics import MetricsLogger
 from mmtrain.model import FusionTransformer
+from mmtrain.watchdog import Watchdog
 
 log = logging.getLogger("mmtrain.train")
 
@@ -97,6 +98,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
             at, save_engine=lambda root, tag: ds.save_checkpoint(engine, root, tag, {"step": at}),
             loader_state=loader.state_dict(), config=cfg.to_dict())
         flags.saved()
+        watchdog.beat(at)  # a save is progress too
         return path
 
     def run_eval(at: int) -> dict[str, float]:
@@ -120,10 +122,13 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     last_saved = step
     engine.train()
     metrics.begin(step)
+    watchdog = Watchdog(run_dir / "logs", rank, hang_seconds=cfg.train.hang_dump_minutes * 60)
+    watchdog.start(step)  # stacks on disk when no step completes in time, and on SIGUSR2
     while step < stop_at:
         t0 = time.perf_counter()
         out = train_step(engine, loader, cfg.engine.grad_accum, device, flags, preempt)
         step += 1
+        watchdog.beat(step)
         if out.skipped:
             monitor.skipped(step)
         spike = not out.skipped and monitor.observe(step, out.loss)
@@ -149,6 +154,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         print(f"run directory: {run_dir}\ncheckpoint:    {run_dir / 'checkpoints' / latest}\n"
               f"tensorboard:   tensorboard --logdir {run_dir / 'tb'}", flush=True)
+    watchdog.stop()
     metrics.close()
     dist.barrier()
     return result

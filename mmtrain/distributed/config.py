@@ -27,7 +27,7 @@ class EngineConfig:
     # partitioned); DeepSpeed's default. 0 partitions everything (what the CPU tests use).
     zero3_persistence_threshold: int = 100_000
     backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
-    timeout_minutes: int = 10  # collective timeout: a dead rank stops the job instead of hanging it
+    timeout_minutes: float = 10.0  # collective timeout: a dead rank stops the job instead of hanging it
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, why: str) -> None:
