@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -28,17 +29,20 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from data_tools.samples import Built, SampleSpec, Skipped, make_sample
+from data_tools.download import DownloadOptions, download_rows
+from data_tools.samples import Built, SampleSpec, Skipped, make_sample, url_cells
 from data_tools.shards import (DATASET_JSON, MANIFEST, ShardInfo, atomic_write_bytes, sha256_file,
                                tar_file_bytes, tar_member_bytes, write_dataset_index, write_shard)
+from data_tools.remote import Publisher
 from data_tools.sources import RawRow, expand_inputs, iter_rows
+from mmtrain import storage
 
 STATE_DIR = ".build"
 REJECTED = "rejected.jsonl"
 SHARD_RE = re.compile(r"shard-\d{6}\.tar")
 TMP_RE = re.compile(r"\.(shard-\d{6}\.(tar|json)|config\.json|manifest\.parquet|dataset\.json"
                     r"|rejected\.jsonl)\.tmp-\d+")  # left by a killed atomic write
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the pair layout (KEY.jpg + KEY.txt + KEY.json)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +58,8 @@ class BuildOptions:
     overwrite: bool = False  # start over if OUT holds another build
     workers: int = 0  # 0: one per CPU core (at most 8); 1: no worker processes
     progress: bool = True
+    header: tuple[str, ...] = ()  # column names of CSV/TSV inputs without a header line
+    download: DownloadOptions | None = None  # fetch media URLs (spec.download must be set)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -70,6 +76,8 @@ class BuildOptions:
                              "followed unless you pass --allow-pipe")
         if pipes and self.spec.kind != "wds":
             raise ValueError("pipe: inputs are only read for --kind wds")
+        if (self.download is not None) != self.spec.download:
+            raise ValueError("BuildOptions.download and SampleSpec.download must agree")
 
 
 @dataclasses.dataclass
@@ -91,7 +99,7 @@ class BuildSummary:
         if self.rejected:
             reasons = ", ".join(f"{code} {n}" for code, n in self.rejected.most_common())
             out.append(f"rejected {sum(self.rejected.values())} rows ({reasons}); "
-                       f"see {Path(self.out) / REJECTED}")
+                       f"see {storage.join(self.out, REJECTED)}")
         else:
             out.append("rejected 0 rows")
         s = max(self.seconds, 1e-9)
@@ -102,24 +110,31 @@ class BuildSummary:
 
 def build(opts: BuildOptions) -> BuildSummary:
     t0 = time.perf_counter()
-    out = Path(opts.out)
+    # A URL: built in a local staging folder, each file uploaded once complete (data_tools/remote.py)
+    publisher = Publisher(opts.out) if storage.is_url(opts.out) else None
+    out = publisher.staging if publisher else Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    if publisher:
+        publisher.pull_state()
     tars = opts.spec.kind == "wds"
     inputs = expand_inputs(list(opts.inputs), tars=tars, exclude=out.resolve())
     state = out / STATE_DIR
-    _check_config(out, state, _config(opts, inputs), overwrite=opts.overwrite)
-    records = _completed_shards(out, state)
+    _check_config(out, state, _config(opts, inputs), overwrite=opts.overwrite, publisher=publisher)
+    records = _completed_shards(out, state, publisher)
     start = records[-1]["stop"] if records else 0
 
-    rows = iter_rows(inputs, tars=tars, media_root=opts.media_root, allow_pipe=opts.allow_pipe)
+    rows = iter_rows(inputs, tars=tars, media_root=opts.media_root, allow_pipe=opts.allow_pipe,
+                     header=opts.header)
     rows = (r for r in rows if r.pos >= start)
     if opts.limit:
         rows = itertools.takewhile(lambda r: r.pos < opts.limit, rows)
+    if opts.download is not None:
+        rows = download_rows(rows, functools.partial(url_cells, spec=opts.spec), opts.download)
     keys = {row["key"] for rec in records for row in rec["rows"]}
     results = _Peekable(_unique_keys(samples_in_order(rows, opts.spec, workers=_workers(opts)),
                                      keys))
 
-    summary = BuildSummary(out=str(out), kept_shards=len(records))
+    summary = BuildSummary(out=opts.out if publisher else str(out), kept_shards=len(records))
     tail: list[Skipped] = []
     with _Progress(opts.progress) as progress:
         while True:
@@ -128,11 +143,15 @@ def build(opts: BuildOptions) -> BuildSummary:
                 break
             rec = _write_next_shard(out, len(records), results, tail, opts, progress)
             atomic_write_bytes(state / f"{Path(rec['name']).stem}.json", json.dumps(rec).encode())
+            if publisher:
+                publisher.publish_shard(rec["name"], f"{Path(rec['name']).stem}.json")
             records.append(rec)
             summary.run_samples += rec["samples"]
             summary.run_bytes += rec["bytes"]
 
     _finish(out, records, tail, inputs, opts, summary)
+    if publisher:
+        publisher.publish_index(REJECTED)  # dataset.json last: the commit
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -189,16 +208,20 @@ def _config(opts: BuildOptions, inputs: list[str]) -> dict[str, Any]:
     def describe(path: str) -> dict[str, Any]:
         if path.startswith("pipe:"):
             return {"path": path}
+        if storage.is_url(path):
+            return {"path": path, "size": storage.size(path)}
         st = os.stat(path)
         return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
     return {"version": STATE_VERSION, "inputs": [describe(p) for p in inputs],
             "spec": dataclasses.asdict(opts.spec), "max_samples": opts.max_samples,
             "max_bytes": opts.max_bytes, "media_root": os.path.abspath(opts.media_root)
-            if opts.media_root else "", "limit": opts.limit}
+            if opts.media_root else "", "limit": opts.limit, "header": list(opts.header),
+            "download_max_bytes": opts.download.max_bytes if opts.download else 0}
 
 
-def _check_config(out: Path, state: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+def _check_config(out: Path, state: Path, config: dict[str, Any], *, overwrite: bool,
+                  publisher: Publisher | None = None) -> None:
     path = state / "config.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is None and (out / DATASET_JSON).exists() and not overwrite:
@@ -212,8 +235,12 @@ def _check_config(out: Path, state: Path, config: dict[str, Any], *, overwrite: 
                              "directory, or pass --overwrite to start over")
     if overwrite and old != config:
         _remove_build(out)
+        if publisher:
+            publisher.remove_dataset([REJECTED, MANIFEST])
     state.mkdir(exist_ok=True)
     atomic_write_bytes(path, json.dumps(config, indent=2).encode())
+    if publisher:
+        publisher.put(f"{STATE_DIR}/config.json")
 
 
 def _remove_build(out: Path) -> None:
@@ -225,7 +252,8 @@ def _remove_build(out: Path) -> None:
             p.unlink()
 
 
-def _completed_shards(out: Path, state: Path) -> list[dict[str, Any]]:
+def _completed_shards(out: Path, state: Path, publisher: Publisher | None = None
+                      ) -> list[dict[str, Any]]:
     """Records of the shards, in order from the first, whose files match; stale files removed."""
     records: list[dict[str, Any]] = []
     while True:
@@ -236,15 +264,17 @@ def _completed_shards(out: Path, state: Path) -> list[dict[str, Any]]:
             break
         tar = out / f"{name}.tar"
         expected_start = records[-1]["stop"] if records else 0
-        if rec.get("version") != STATE_VERSION or rec["start"] != expected_start or \
-                not tar.is_file() or tar.stat().st_size != rec["bytes"] or \
-                sha256_file(tar) != rec["sha256"]:
+        intact = publisher.shard_intact(rec) if publisher else \
+            tar.is_file() and tar.stat().st_size == rec["bytes"] and sha256_file(tar) == rec["sha256"]
+        if rec.get("version") != STATE_VERSION or rec["start"] != expected_start or not intact:
             break
         records.append(rec)
     for p in list(out.iterdir()) + list(state.iterdir()):  # shards after the last good one
         m = re.fullmatch(r"shard-(\d{6})\.(tar|json)", p.name)
         if (m and int(m.group(1)) >= len(records)) or TMP_RE.fullmatch(p.name):
             p.unlink()
+    if publisher:
+        publisher.remove_shards_from(len(records))
     return records
 
 

@@ -68,20 +68,29 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     codes = "\n".join(f"  {code:<19}{why}" for code, why in REJECT_CODES.items())
     p = _parser(sub, "build", "Build WebDataset shards from tables, tars or text.", """
         KIND is one of:
-          image-text   table (parquet/CSV/TSV/JSONL) of image (path or bytes) + caption
-          audio-text   table of audio (WAV/FLAC path or bytes) + transcript or caption
+          image-text   table (parquet/CSV/TSV/JSONL) of image (path, bytes or URL) + caption
+          audio-text   table of audio (WAV/FLAC/MP3/Ogg/Opus path, bytes or URL) + transcript
           interleaved  parquet/JSONL with aligned lists `texts` and `images`, exactly one of each
-                       pair null (OBELICS / MMC4 shape); images as paths or bytes
+                       pair null (OBELICS); images as paths, bytes or URLs
+          mmc4         MMC4 JSONL: `text_list` + `image_info` (each image goes before the sentence
+                       at its matched_text_index; image_name under --media-root, or raw_url
+                       with --download)
           text         JSONL (or any table) with a `text` field
-          wds          WebDataset tars: KEY.jpg|png|webp + KEY.txt [+ KEY.json] (img2dataset),
-                       KEY.wav|flac + KEY.txt, KEY.txt, or mmtrain's own layout (re-shard)
+          wds          WebDataset tars: KEY.jpg|png|webp|gif + KEY.txt [+ KEY.json]
+                       (img2dataset), KEY.wav|flac|mp3|ogg|opus + KEY.txt (or the text in
+                       KEY.json with --text-field), KEY.txt, or mmtrain's own layout (re-shard);
+                       suffixes in any case, members in folders (dir/KEY.jpg: key dir/KEY)
         INPUT: files, directories (their matching files, sorted) or globs, read in that order.
-        Columns default to the public datasets' names (caption/TEXT, image/path, texts/images,
-        audio/audio_filepath, text/transcript/sentence, key); set them with --*-column. Other
-        columns go to KEY.json "meta". Media paths are relative to --media-root (default: the
-        table's folder) and may not leave it; URLs and pipe: media are never followed.
+        CSV is read by RFC 4180 (quoted fields), TSV without any quoting; --header names the
+        columns of a file without a header line (raw CC3M: --header caption,url).
+        Columns default to the public datasets' names (caption/TEXT, image/path/url,
+        texts/images, audio/audio_filepath, text/transcript/sentence, key); set them with
+        --*-column. Other columns go to the sample's metadata. Media paths are relative to
+        --media-root (default: the table's folder) and may not leave it; http(s) URLs are
+        fetched only with --download; pipe: media are never run.
 
-        Writes to OUT: shard-NNNNNN.tar (KEY.json with ordered segments + KEY.0.jpg, ...),
+        Writes to OUT: shard-NNNNNN.tar (pairs as KEY.jpg + KEY.txt + KEY.json, as open_clip
+        reads them; documents as KEY.json with ordered segments + KEY.0.jpg, ...),
         manifest.parquet (one row per sample), dataset.json (sha256 per shard, totals),
         rejected.jsonl (one line per skipped row: source_row, code, reason) and .build/ (resume
         records). Shards are written under a temporary name, fsynced and renamed. Rerunning the
@@ -89,14 +98,15 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
         A bad row never stops the build; it is skipped with one of these codes:
         """ + codes.replace("\n", "\n        "), """
-        mmtrain data build image-text cc3m/train.tsv -o shards/cc3m --image-column path \\
-            --image-max-side 512 --image-format jpeg --max-bytes 256M
+        mmtrain data build image-text cc3m/Train_GCC-training.tsv -o shards/cc3m \\
+            --header caption,url --download --image-max-side 512 --image-format jpeg
         mmtrain data build wds laion/{00000..00099}.tar -o shards/laion --min-image-side 64
-        mmtrain data build audio-text clips.csv -o shards/speech --audio-mono \\
-            --audio-sample-rate 16000 --audio-max-seconds 30
+        mmtrain data build wds laion-audio/ -o shards/audio --text-field text
+        mmtrain data build audio-text cv/train.tsv -o shards/speech --media-root cv/clips \\
+            --audio-mono --audio-sample-rate 16000 --audio-max-seconds 30
     """)
     p.add_argument("kind", metavar="KIND",
-                   choices=("image-text", "audio-text", "interleaved", "text", "wds"))
+                   choices=("image-text", "audio-text", "interleaved", "mmc4", "text", "wds"))
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("-o", "--out", required=True, help="output directory")
     _add_shard_limits(p)
@@ -109,8 +119,26 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         g.add_argument(f"--{role}-column", help=what)
     g.add_argument("--media-root", default="", help="folder that media paths are relative to "
                    "(default: each table's folder); paths may not leave it")
+    g.add_argument("--header", default="", metavar="NAME,NAME", help="column names of CSV/TSV "
+                   "files that have no header line (raw CC3M: caption,url)")
+    g.add_argument("--text-field", default="", metavar="PATH", help="wds: take the text from "
+                   "this field of KEY.json when there is no KEY.txt; dotted for nested fields "
+                   "(caption.en); a list of strings gives its first")
+    g = p.add_argument_group("download (media URLs)")
+    g.add_argument("--download", action="store_true", help="fetch http(s) media URLs (tables, "
+                   "OBELICS image lists, MMC4 raw_url); failures go to rejected.jsonl")
+    g.add_argument("--download-workers", type=int, default=16, help="concurrent downloads "
+                   "(default 16)")
+    g.add_argument("--download-timeout", type=float, default=20.0, help="seconds per attempt "
+                   "(default 20)")
+    g.add_argument("--download-retries", type=int, default=2, help="retries after a timeout, "
+                   "connection error, HTTP 429 or 5xx, with backoff 0.5 s, 1 s, ... (default 2)")
+    g.add_argument("--download-max-bytes", type=parse_size, default=32 << 20, help="refuse "
+                   "larger media (default 32M)")
     g = p.add_argument_group("filters and media")
     g.add_argument("--min-text-chars", type=int, default=0, help="skip samples with less text")
+    g.add_argument("--max-text-chars", type=int, default=1_000_000, help="reject samples with "
+                   "more text characters (text_too_long; default 1000000)")
     g.add_argument("--min-image-side", type=int, default=0, help="skip images smaller than this")
     g.add_argument("--max-image-pixels", type=int, default=50_000_000, help="reject images whose "
                    "header declares more pixels, before decoding (default 50000000)")
@@ -136,6 +164,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 def _run_build(args: argparse.Namespace) -> int:
     from data_tools.build import BuildOptions, build
+    from data_tools.download import DownloadOptions
     from data_tools.media import MediaOptions
     from data_tools.samples import SampleSpec
 
@@ -146,14 +175,20 @@ def _run_build(args: argparse.Namespace) -> int:
         image_max_side=args.image_max_side, image_format=args.image_format,
         image_quality=args.image_quality, audio_mono=args.audio_mono,
         audio_sample_rate=args.audio_sample_rate, audio_max_seconds=args.audio_max_seconds,
-        audio_format=args.audio_format)
+        audio_format=args.audio_format, max_text_chars=args.max_text_chars)
     spec = SampleSpec(kind=args.kind, columns=columns, key_column=args.key_column, media=media,
-                      min_text_chars=args.min_text_chars)
+                      min_text_chars=args.min_text_chars, text_field=args.text_field,
+                      download=args.download)
+    download = DownloadOptions(
+        workers=args.download_workers, timeout=args.download_timeout,
+        retries=args.download_retries, max_bytes=args.download_max_bytes) \
+        if args.download else None
+    header = tuple(name.strip() for name in args.header.split(",")) if args.header else ()
     summary = build(BuildOptions(
         out=args.out, inputs=tuple(args.inputs), spec=spec, max_samples=args.max_samples,
         max_bytes=args.max_bytes, media_root=args.media_root, limit=args.limit,
         allow_pipe=args.allow_pipe, overwrite=args.overwrite, workers=args.workers,
-        progress=not args.no_progress))
+        progress=not args.no_progress, header=header, download=download))
     print("\n".join(summary.lines()))
     return 0
 

@@ -14,18 +14,23 @@ REJECT_CODES = {
     "corrupt_image": "an image that does not decode (corrupt or truncated)",
     "corrupt_audio": "an audio file that does not decode (corrupt or truncated)",
     "image_too_large": "an image whose header declares more than --max-image-pixels (bomb)",
-    "unsupported_format": "images not JPEG/PNG/WebP, audio not WAV/FLAC, or a URL / pipe: "
-                          "where a local file was expected",
+    "unsupported_format": "images not JPEG/PNG/WebP/GIF, audio not WAV/FLAC/MP3/Ogg/Opus (or "
+                          "a format this libsndfile cannot decode), a tar member that is not "
+                          "media/txt/json, or a URL without --download",
     "empty_text": "no text, or only whitespace",
-    "unsafe_name": "a key or member name with '/', '..', a leading '.', or a key with '.' or "
-                   "over 80 bytes",
+    "text_too_long": "more text characters than --max-text-chars",
+    "unsafe_name": "a key or member name that is absolute or has a '..', empty or '.'-leading "
+                   "part, a backslash or NUL; a key with '.' in its base name or over 80 bytes",
     "unsafe_path": "a media path that leaves --media-root",
     "duplicate_key": "a key already used by an earlier sample of this build",
-    "bad_row": "a row that does not have the expected columns or types",
+    "bad_row": "a row that does not have the expected columns or types; a CSV row whose field "
+               "count is wrong",
+    "download_failed": "a media URL that could not be fetched (--download): HTTP error, "
+                       "timeout after the retries, or larger than --download-max-bytes",
     "invalid_sample": "a sample the loader's schema refuses",
     "filtered": "dropped by a filter option (--min-text-chars, --min-image-side)",
-    "bad_source": "an input file that cannot be read on (corrupt table, truncated tar, "
-                  "failed pipe:); the rest of that file is skipped",
+    "bad_source": "an input file that cannot be read on (corrupt table, unclosed CSV quote, "
+                  "truncated tar, failed pipe:); the rest of that file is skipped",
 }
 
 

@@ -16,17 +16,23 @@ import io
 import math
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import soundfile
 from PIL import Image, ImageOps
 
 from data_tools.errors import Rejected
+from mmtrain.data.schema import media_kind
 
-# Formats the loader decodes, with the member extension each gets.
+# Formats the loader decodes, with the member extension each gets. GIF is re-encoded as PNG
+# (its first frame), so the shards hold only the image formats open_clip's tools expect.
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-AUDIO_FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac"}
+CONVERTED_IMAGE_FORMATS = {"GIF": "PNG"}
+# libsndfile's (format, subtype) → member extension; MP3 needs libsndfile >= 1.1.
+AUDIO_FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "ogg"}
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # the loader's default (DataConfig.max_image_pixels)
+DEFAULT_MAX_TEXT_CHARS = 1_000_000  # ~250k tokens: longer than any real document of a corpus
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +46,7 @@ class MediaOptions:
     audio_sample_rate: int = 0  # resample to this rate (0: keep)
     audio_max_seconds: float = 0.0  # clip longer audio (0: keep)
     audio_format: str = ""  # "wav" | "flac": re-encode into it ("": keep the format)
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # longer samples are rejected (text_too_long)
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, why: str) -> None:
@@ -55,6 +62,7 @@ class MediaOptions:
         require(self.audio_sample_rate >= 0, "audio_sample_rate", "must be >= 0")
         require(self.audio_max_seconds >= 0, "audio_max_seconds", "must be >= 0")
         require(self.audio_format in ("", "wav", "flac"), "audio_format", "must be wav or flac")
+        require(self.max_text_chars >= 1, "max_text_chars", "must be >= 1")
 
 
 # ------------------------------------------------------------------------------------- images
@@ -73,9 +81,9 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, str]:
     if width * height > max_pixels:
         raise Rejected("image_too_large", f"image header declares {width}x{height} = "
                        f"{width * height} pixels > --max-image-pixels={max_pixels}")
-    if img.format not in IMAGE_FORMATS:
+    if img.format not in IMAGE_FORMATS and img.format not in CONVERTED_IMAGE_FORMATS:
         raise Rejected("unsupported_format", f"image format {img.format} is not one of "
-                       f"{'/'.join(IMAGE_FORMATS)}")
+                       f"{'/'.join([*IMAGE_FORMATS, *CONVERTED_IMAGE_FORMATS])}")
     return width, height, img.format
 
 
@@ -97,7 +105,7 @@ def prepare_image(data: bytes, opts: MediaOptions) -> tuple[bytes, str]:
     if min(img.size) < opts.min_image_side:
         raise Rejected("filtered", f"image {img.size[0]}x{img.size[1]} is smaller than "
                        f"--min-image-side={opts.min_image_side}")
-    target = opts.image_format.upper() or fmt
+    target = opts.image_format.upper() or CONVERTED_IMAGE_FORMATS.get(fmt, fmt)
     resize = opts.image_max_side > 0 and max(img.size) > opts.image_max_side
     if not resize and target == fmt:
         return data, IMAGE_FORMATS[fmt]
@@ -113,25 +121,45 @@ def prepare_image(data: bytes, opts: MediaOptions) -> tuple[bytes, str]:
 
 # -------------------------------------------------------------------------------------- audio
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int, str]:
-    """Decode WAV/FLAC bytes to ([channels, samples] float32, sample rate, format)."""
+def audio_ext(info: Any) -> str:
+    """The member extension for a soundfile.info(): Ogg Opus is `opus`, Ogg Vorbis `ogg`."""
+    return "opus" if info.format == "OGG" and info.subtype == "OPUS" else AUDIO_FORMATS[info.format]
+
+
+def decode_audio(data: bytes, max_seconds: float = 0.0) -> tuple[np.ndarray, int, str]:
+    """Decode audio bytes to ([channels, samples] float32, sample rate, member extension).
+
+    With `max_seconds`, only the frames of the first `max_seconds` are read (and checked).
+    """
     try:
         info = soundfile.info(io.BytesIO(data))
     except Exception as e:  # soundfile.LibsndfileError, struct errors on odd headers
-        if not (data[:4] in (b"RIFF", b"fLaC") or data[:3] == b"ID3"):
-            raise Rejected("unsupported_format", "audio is not WAV or FLAC") from None
-        raise Rejected("corrupt_audio", f"audio does not decode: {_describe(e)}") from None
+        raise _audio_error(data, e) from None
     if info.format not in AUDIO_FORMATS:
-        raise Rejected("unsupported_format", f"audio format {info.format} is not WAV or FLAC")
+        raise Rejected("unsupported_format", f"audio format {info.format} is not one of "
+                       f"{'/'.join(sorted(set(AUDIO_FORMATS.values()) | {'opus'}))}")
     if info.format in ("WAV", "WAVEX") and _wav_truncated(data):
         raise Rejected("corrupt_audio", "WAV file is truncated (data chunk shorter than declared)")
+    frames = max(1, math.floor(max_seconds * info.samplerate)) if max_seconds else -1
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            wave = f.read(frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
         raise Rejected("corrupt_audio", f"audio does not decode: {_describe(e)}") from None
     if wave.shape[0] == 0:
         raise Rejected("corrupt_audio", "audio has no samples")
-    return np.ascontiguousarray(wave.T), rate, info.format
+    return np.ascontiguousarray(wave.T), info.samplerate, audio_ext(info)
+
+
+def _audio_error(data: bytes, e: BaseException) -> Rejected:
+    """Why libsndfile could not open `data`: a format it lacks, or a corrupt file."""
+    mp3 = data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+    if mp3 and "MP3" not in soundfile.available_formats():
+        return Rejected("unsupported_format", f"audio is MP3, which this libsndfile "
+                        f"({soundfile.__libsndfile_version__}) cannot decode (needs >= 1.1)")
+    if not (data[:4] in (b"RIFF", b"fLaC", b"OggS") or mp3):
+        return Rejected("unsupported_format", "audio is not WAV, FLAC, MP3, Ogg Vorbis or Opus")
+    return Rejected("corrupt_audio", f"audio does not decode: {_describe(e)}")
 
 
 def _wav_truncated(data: bytes) -> bool:
@@ -146,23 +174,29 @@ def _wav_truncated(data: bytes) -> bool:
 
 
 def prepare_audio(data: bytes, opts: MediaOptions) -> tuple[bytes, str]:
-    """Check and (optionally) normalise one clip. Returns (bytes, member extension)."""
-    wave, rate, fmt = decode_audio(data)
-    changed = False
+    """Check and (optionally) normalise one clip. Returns (bytes, member extension).
+
+    --audio-max-seconds crops before anything else: only the needed frames are decoded.
+    """
+    wave, rate, ext = decode_audio(data, opts.audio_max_seconds)
+    changed = opts.audio_max_seconds > 0 and \
+        wave.shape[1] < soundfile.info(io.BytesIO(data)).frames
     if opts.audio_mono and wave.shape[0] > 1:
         wave, changed = wave.mean(axis=0, keepdims=True), True
     if opts.audio_sample_rate and rate != opts.audio_sample_rate:
         wave, changed = resample(wave, rate, opts.audio_sample_rate), True
         rate = opts.audio_sample_rate
-    max_samples = math.floor(opts.audio_max_seconds * rate)
-    if max_samples and wave.shape[1] > max_samples:
-        wave, changed = wave[:, :max_samples], True
-    ext = opts.audio_format or AUDIO_FORMATS[fmt]
-    if not changed and ext == AUDIO_FORMATS[fmt]:
+        if opts.audio_max_seconds:  # the resampled crop may overshoot by a sample
+            wave = wave[:, :max(1, math.floor(opts.audio_max_seconds * rate))]
+    out_ext = opts.audio_format or ext
+    if not changed and out_ext == ext:
         return data, ext
+    if out_ext not in ("wav", "flac"):  # changed audio is written as lossless PCM
+        out_ext = "flac"
     buf = io.BytesIO()
-    soundfile.write(buf, np.clip(wave, -1.0, 1.0).T, rate, format=ext.upper(), subtype="PCM_16")
-    return buf.getvalue(), ext
+    soundfile.write(buf, np.clip(wave, -1.0, 1.0).T, rate, format=out_ext.upper(),
+                    subtype="PCM_16")
+    return buf.getvalue(), out_ext
 
 
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -176,10 +210,10 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 def check_member(ext: str, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Decode one media member by its extension (for `verify`); raises Rejected if it fails."""
-    ext = ext.rsplit(".", 1)[-1].lower()
-    if ext in ("jpg", "jpeg", "png", "webp"):
+    kind = media_kind(ext)
+    if kind == "image":
         decode_image(data, max_pixels)
-    elif ext in ("wav", "flac"):
+    elif kind == "audio":
         decode_audio(data)
 
 

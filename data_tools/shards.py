@@ -13,19 +13,21 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from webdataset import tariterators
 
+# The index reader lives with the loader (mmtrain/data/index.py); this module writes the format.
+from mmtrain import storage
+from mmtrain.data.index import DATASET_JSON, DATASET_SCHEMA_VERSION, MANIFEST  # noqa: F401
+from mmtrain.data.index import read_dataset_index  # noqa: F401 (for data_tools modules)
 from mmtrain.data.schema import Document, check_name, parse_sample
 from mmtrain.fileio import atomic_write_bytes, fsync_dir, sha256_file  # noqa: F401 (sha256_file: part of this module's API)
-
-DATASET_SCHEMA_VERSION = 1
-MANIFEST = "manifest.parquet"
-DATASET_JSON = "dataset.json"
 
 # Rough token estimates for the manifest (exact counts depend on the model's media geometry).
 EST_TOKENS_PER_IMAGE = 18
@@ -44,6 +46,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("est_tokens_audio", pa.int64()),
     ("content_hash", pa.string()),
     ("source_row", pa.string()),
+    ("offset", pa.int64()),  # byte offset of the sample's first tar header (null: older builds)
 ])
 
 
@@ -103,7 +106,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes], str]]
             out = _HashingWriter(raw, h)
             for key, members, source_row in samples:
                 doc = parse_sample(key, members)
-                nbytes = 0
+                nbytes, offset = 0, out.written  # a resume in this shard seeks here
                 for suffix in sorted(members, key=_member_order):
                     check_name(suffix, "member")
                     data = members[suffix]
@@ -113,6 +116,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes], str]]
                     nbytes += len(data)
                 rows.append(manifest_row(doc, shard=path.name, nbytes=nbytes,
                                          chash=document_hash(doc), source_row=source_row))
+                rows[-1]["offset"] = offset
             # end of archive: two zero blocks, then zeros to a whole record (as tarfile does)
             out.write(bytes(tar_file_bytes(out.written) - out.written))
             raw.flush()
@@ -136,57 +140,89 @@ def tar_file_bytes(member_bytes: int) -> int:
 
 
 def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset grouping: the key is everything before the first '.' of the base name.
+    """WebDataset grouping (`webdataset.tariterators.base_plus_ext`): the key is everything before
+    the first '.' of the base name, folders included; the suffix is the rest, lower-cased.
 
-    A leading "./" (tars made with `tar -cf x.tar .`) is dropped; other folders stay in the key.
+    A leading "./" (tars made with `tar -cf x.tar .`) is dropped. ("", "") for a name without a
+    suffix (webdataset skips those).
     """
-    while name.startswith("./"):
-        name = name[2:]
-    directory, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), suffix
+    key, suffix = tariterators.base_plus_ext(_strip_dot_slash(name))
+    return (key, suffix.lower()) if key is not None else ("", "")
 
 
-def iter_tar_groups(fileobj: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar stream as (key, {suffix: bytes}), grouping consecutive members by key.
+def _strip_dot_slash(name: str) -> str:
+    return re.sub(r"^(\./)+", "", name)
 
-    Only regular files are read (no links, no devices) and nothing is extracted to disk. Members
-    without a suffix are skipped. Tar errors (truncated, corrupt) propagate to the caller, and
-    unlike plain `tarfile`, a tar that stops without its end-of-archive blocks is an error.
+
+def iter_tar_groups(fileobj: Any, url: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar stream as (key, {suffix: bytes}), read exactly as the loader reads them:
+    webdataset's `tar_file_iterator` and `group_by_keys` (regular files only, nothing extracted to
+    disk, suffixes lower-cased, a repeated suffix in one sample is a ValueError).
+
+    Tar errors (truncated, corrupt) propagate to the caller. Unlike plain `tarfile`, an
+    uncompressed tar that stops without its end-of-archive blocks is an error too (tarfile reads
+    a tar cut at a member boundary as a valid, shorter one).
     """
-    key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_StrictTarInfo) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, suffix = split_member_name(info.name)
-            if not suffix:
-                continue
-            if member_key != key and members:
-                yield key, members
-                members = {}
-            key = member_key
-            members[suffix] = tar.extractfile(info).read()
-    if members:
-        yield key, members
+    reader = _EndCheckingReader(fileobj, url)
+    last = [""]  # name of the member being read: tar_file_iterator calls select_files first
+    errors: list[BaseException] = []
+
+    def select(name: str) -> bool:
+        last[0] = name
+        return True
+
+    def stop(e: BaseException) -> bool:  # tar_file_iterator's handler: stop, keep the error
+        errors.append(e)
+        return False
+
+    files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(
+        reader, handler=stop, select_files=select, rename_files=_strip_dot_slash))
+    for sample in tariterators.group_by_keys(files):
+        if errors and sample["__key__"] == split_member_name(last[0])[0]:
+            break  # the sample whose member failed to read: incomplete, never yielded
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+    if errors:
+        raise errors[0]
+    reader.check_end()
 
 
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile takes a missing or cut header after the first member for the end of the archive,
-    so a tar truncated at a header boundary reads as a valid, shorter one. Refuse that."""
+class _EndCheckingReader(io.RawIOBase):
+    """Passes reads through and checks, at the end, that an uncompressed tar ends with its two
+    zero end-of-archive blocks. (A tar cut right after a member whose data ends in >= 1 KiB of
+    zeros still passes; dataset.json's sample counts catch that for built shards.)"""
 
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tar)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
-            raise tarfile.ReadError(f"tar ends without its end-of-archive blocks ({e}): "
-                                    "truncated") from None
+    def __init__(self, raw: Any, url: str) -> None:
+        self.raw, self.url, self.head, self.tail = raw, url, b"", b""
+
+    def __repr__(self) -> str:  # in webdataset's error messages: no object address
+        return self.url or "tar stream"
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if len(self.head) < 6:
+            self.head += data[:6 - len(self.head)]
+        self.tail = (self.tail + data)[-2 * tarfile.BLOCKSIZE:]
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def check_end(self) -> None:
+        while self.read(1 << 20):  # tarfile stops at the first end block: read the rest
+            pass
+        compressed = self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+        if self.head and not compressed and self.tail != bytes(2 * tarfile.BLOCKSIZE):
+            raise tarfile.ReadError("tar ends without its end-of-archive blocks: truncated")
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    with open(path, "rb") as f:
-        yield from iter_tar_groups(f)
+    with storage.open_read(path) as f:  # a local file or a URL
+        yield from iter_tar_groups(f, str(path))
 
 
 def _ustar_header(name: str, size: int) -> bytes:
@@ -239,28 +275,4 @@ def write_dataset_index(out_dir: Path, shards: list[ShardInfo], rows: list[dict[
         **extra,
     }
     atomic_write_bytes(out_dir / DATASET_JSON, (json.dumps(index, indent=2) + "\n").encode())
-    return index
-
-
-def read_dataset_index(directory: str | Path) -> dict[str, Any]:
-    """Read and sanity-check a dataset.json; errors name the file and the field."""
-    path = Path(directory) / DATASET_JSON
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: build shards with `mmtrain data build` or "
-                         "`mmtrain data synth`")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    for field in ("schema_version", "fingerprint", "shards", "totals"):
-        if field not in index:
-            raise ValueError(f"{path}: missing field {field!r}")
-    if index["schema_version"] != DATASET_SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {index['schema_version']} is not "
-                         f"{DATASET_SCHEMA_VERSION}")
-    for i, shard in enumerate(index["shards"]):
-        for field in ("name", "sha256", "samples", "bytes"):
-            if field not in shard:
-                raise ValueError(f"{path}: shards[{i}] lacks field {field!r}")
-        check_name(shard["name"], "shard name")
     return index

@@ -5,7 +5,7 @@ row by row; a row's position in that sequence is its identity for shard planning
 `source_row` ("PATH:ROW" for tables, "PATH:KEY" for tars) is what the manifest and rejected.jsonl
 name. Reading never decodes media: that happens in the worker processes (see `samples.py`).
 
-Tables: parquet, CSV, TSV (CC3M) and JSONL. Tars: the img2dataset layout (or any WebDataset tar).
+Tables: parquet, CSV (RFC 4180), TSV (no quoting: CC3M, Common Voice) and JSONL. Tars: the img2dataset layout (or any WebDataset tar).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_tools.shards import iter_tar_groups
+from mmtrain import storage
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -44,8 +46,15 @@ def expand_inputs(inputs: list[str], *, tars: bool, exclude: Path | None = None)
         if spec.startswith("pipe:"):
             out.append(spec)
             continue
-        if "://" in spec:
-            raise ValueError(f"input {spec!r}: remote URLs are not read; download the data first")
+        if storage.is_url(spec):  # streamed through fsspec (mmtrain.storage)
+            matches = storage.glob(spec) if any(c in spec for c in "*?[") else [spec]
+            for m in matches:
+                if not storage.exists(m):
+                    raise ValueError(f"input {m!r} does not exist")
+            if not matches:
+                raise ValueError(f"input {spec!r} matches nothing")
+            out.extend(matches)
+            continue
         if any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
         elif os.path.isdir(spec):
@@ -67,12 +76,13 @@ def expand_inputs(inputs: list[str], *, tars: bool, exclude: Path | None = None)
 
 
 def iter_rows(inputs: list[str], *, tars: bool, media_root: str = "",
-              allow_pipe: bool = False) -> Iterator[RawRow]:
-    """All rows of all inputs, in order, numbered from 0."""
+              allow_pipe: bool = False, header: tuple[str, ...] = ()) -> Iterator[RawRow]:
+    """All rows of all inputs, in order, numbered from 0. `header`: column names for CSV/TSV
+    files without a header line (raw CC3M: caption, url)."""
     pos = 0
     for path in inputs:
-        root = media_root or str(Path(path).parent)
-        reader = iter_tar(path, allow_pipe) if tars else iter_table(path)
+        root = media_root or storage.parent(path)
+        reader = iter_tar(path, allow_pipe) if tars else iter_table(path, header)
         for source_row, fields, error in reader:
             yield RawRow(pos, source_row, fields, root, error)
             pos += 1
@@ -83,13 +93,13 @@ def iter_rows(inputs: list[str], *, tars: bool, media_root: str = "",
 Read = tuple[str, dict[str, Any], "tuple[str, str] | None"]
 
 
-def iter_table(path: str) -> Iterator[Read]:
+def iter_table(path: str, header: tuple[str, ...] = ()) -> Iterator[Read]:
     """(source_row, row dict, error) for every row of a parquet / CSV / TSV / JSONL file."""
     name = path.lower()
     if name.endswith(".parquet"):
         rows = _parquet_rows(path)
     elif name.endswith((".csv", ".tsv")):
-        rows = _csv_rows(path, "\t" if name.endswith(".tsv") else ",")
+        rows = _csv_rows(path, "\t" if name.endswith(".tsv") else ",", header)
     else:
         rows = _jsonl_rows(path)
     index = 0
@@ -105,25 +115,45 @@ def iter_table(path: str) -> Iterator[Read]:
 def _parquet_rows(path: str) -> Iterator[tuple[dict, None]]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            yield row, None
-
-
-def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[dict, tuple[str, str] | None]]:
-    csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
-            if None in row or None in row.values():  # more / fewer fields than the header
-                yield {}, ("bad_row", f"row has {len(row) - (None in row)} fields, header has "
-                                      f"{len(reader.fieldnames or [])}")
-            else:
+    with storage.open_read(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
                 yield row, None
 
 
+def _csv_rows(path: str, delimiter: str, header: tuple[str, ...] = ()
+              ) -> Iterator[tuple[dict, tuple[str, str] | None]]:
+    """Rows of a CSV (RFC 4180: quoted fields may hold commas, quotes as "" and newlines) or a
+    TSV (no quoting at all: a `"` is text, as in Common Voice and CC3M). `header`: the column
+    names of a file without a header line. An unclosed quote is an error naming the line where
+    it opened; the rest of that file is not read (it would be one swallowed field)."""
+    csv.field_size_limit(sys.maxsize)  # --max-text-chars rejects long texts with a reason
+    quoting = dict(quoting=csv.QUOTE_NONE) if delimiter == "\t" else dict(doublequote=True)
+    with io.TextIOWrapper(storage.open_read(path), newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+        reader = csv.reader(f, delimiter=delimiter, strict=True, **quoting)
+        names = list(header) or next(reader, [])
+        while True:
+            line = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise ValueError(f"{path}: line {line}: {e} (a quote opened there is not "
+                                 "closed, or a quoted field has text after its closing quote)"
+                                 ) from None
+            if not values:
+                continue  # blank lines are not rows
+            if len(values) != len(names):
+                lines = f"lines {line}-{reader.line_num}" if reader.line_num > line else f"line {line}"
+                yield {}, ("bad_row", f"{path}: {lines}: row has {len(values)} fields, header has "
+                                      f"{len(names)}")
+            else:
+                yield dict(zip(names, values)), None
+
+
 def _jsonl_rows(path: str) -> Iterator[tuple[dict, tuple[str, str] | None]]:
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for line in f:
             if not line.strip():
                 continue  # blank lines are not rows
@@ -148,10 +178,10 @@ def iter_tar(path: str, allow_pipe: bool) -> Iterator[Read]:
         proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
         stream = proc.stdout
     else:
-        proc, stream = None, open(path, "rb")
+        proc, stream = None, storage.open_read(path)
     key = None
     try:
-        for key, members in iter_tar_groups(stream):
+        for key, members in iter_tar_groups(stream, path):
             yield f"{path}:{key}", {"__key__": key, "__members__": members}, None
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors on truncated data
         yield f"{path}:{key}", {}, ("bad_source", f"{path} cannot be read after key {key!r}: "

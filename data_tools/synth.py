@@ -20,7 +20,7 @@ import soundfile
 from PIL import Image, ImageDraw
 
 from data_tools.shards import ShardInfo, write_dataset_index, write_shard
-from mmtrain.data.schema import segments_json
+from mmtrain.data.schema import Segment, encode_sample
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 215, 20), "purple": (140, 40, 170), "orange": (245, 140, 20)}
@@ -114,39 +114,38 @@ def make_text(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------- documents
 
 def make_sample(seed: int, split: str, index: int) -> tuple[str, dict[str, bytes], str]:
-    """One sample, a pure function of (seed, split, index)."""
+    """One sample, a pure function of (seed, split, index). Pairs and pure text are written in
+    the WebDataset pair convention (KEY.png + KEY.txt + KEY.json), interleaved documents as a
+    segment list (`encode_sample`)."""
     rng = random.Random(f"{seed}/{split}/{index}")
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     key = f"{split}-{index:06d}"
-    members: dict[str, bytes] = {}
-    segments: list[dict] = []
+    segments: list[Segment] = []
 
     def add_media(make, ext: str) -> str:
         data, caption = make(rng)
-        member = f"{len(members)}.{ext}"
-        members[member] = data
-        segments.append({"type": "image" if ext == "png" else "audio", "member": member})
+        segments.append(Segment(type="image" if ext == "png" else "audio", data=data, member=ext))
         return caption
 
+    def add_text(text: str) -> None:
+        segments.append(Segment(type="text", text=text))
+
     if kind == "text":
-        segments.append({"type": "text", "text": make_text(rng)})
+        add_text(make_text(rng))
     elif kind == "image":
-        segments.append({"type": "text", "text": add_media(make_image, "png")})
+        add_text(add_media(make_image, "png"))
     elif kind == "audio":
-        segments.append({"type": "text", "text": add_media(make_audio, "wav")})
+        add_text(add_media(make_audio, "wav"))
     else:
         for _ in range(rng.randint(2, 4)):
             if rng.random() < 0.6:
-                segments.append({"type": "text", "text": rng.choice(
-                    ["here is a picture:", "look at this:", "another image:"])})
-                caption = add_media(make_image, "png")
-                segments.append({"type": "text", "text": f"it shows {caption}"})
+                add_text(rng.choice(["here is a picture:", "look at this:", "another image:"]))
+                add_text(f"it shows {add_media(make_image, 'png')}")
             else:
-                segments.append({"type": "text", "text": rng.choice(
-                    ["listen:", "here is a sound:", "now a clip:"])})
-                caption = add_media(make_audio, "wav")
-                segments.append({"type": "text", "text": f"you hear {caption}"})
-    members["json"] = segments_json(segments, source=f"synth/{kind}")
+                add_text(rng.choice(["listen:", "here is a sound:", "now a clip:"]))
+                add_text(f"you hear {add_media(make_audio, 'wav')}")
+    members = encode_sample(segments, source=f"synth/{kind}",
+                            meta={"source": f"synth/{kind}"} if kind != "interleaved" else None)
     return key, members, f"synth:{split}:{index}"
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import warnings
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -58,17 +60,34 @@ def decode_image(data: bytes, spec: MediaSpec, max_pixels: int) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- audio
 
-def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    """WAV/FLAC bytes → (samples [channels, n] float32, sample_rate)."""
+def decode_audio_bytes(data: bytes, frames_at: Callable[[int], int] | None = None
+                       ) -> tuple[np.ndarray, int]:
+    """Audio bytes (WAV/FLAC/MP3/Ogg/Opus) → (samples [channels, n] float32, sample_rate).
+
+    `frames_at(rate)`: read only that many frames from the start (libsndfile decodes no further).
+    """
     import soundfile  # libsndfile; imported here so the model side never needs it
 
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            wave = f.read(frames=frames_at(rate) if frames_at else -1, dtype="float32",
+                          always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
         raise SampleError(f"audio does not decode: {e}") from None
     if wave.shape[0] == 0:
         raise SampleError("audio has no samples")
     return np.ascontiguousarray(wave.T), int(rate)
+
+
+def _source_frames(need: int, rate: int, target: int) -> int:
+    """Input frames at `rate` that decide the first `need` output samples at `target` after
+    `resample_poly` (its filter reaches 10·max(up, down) upsampled samples ahead)."""
+    if rate == target:
+        return need
+    g = math.gcd(rate, target)
+    up, down = target // g, rate // g
+    return math.ceil(need * down / up) + math.ceil(10 * max(up, down) / up) + 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,17 +110,19 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
 
 def decode_audio(data: bytes, spec: MediaSpec) -> np.ndarray:
     """Audio bytes → log-mel tokens [A, Da]: mono, resampled, cropped/padded to the clip length."""
-    wave, rate = decode_audio_bytes(data)
+    frames = spec.audio_frames
+    need = (frames - 1) * spec.hop_length + spec.n_fft  # samples at spec.sample_rate
+    # Crop before resampling: only the frames the clip needs are decoded and resampled.
+    wave, rate = decode_audio_bytes(
+        data, lambda rate: _source_frames(need, rate, spec.sample_rate))
     mono = wave.mean(axis=0)
     if rate != spec.sample_rate:
         from scipy.signal import resample_poly
 
-        g = np.gcd(rate, spec.sample_rate)
+        g = math.gcd(rate, spec.sample_rate)
         mono = resample_poly(mono, spec.sample_rate // g, rate // g).astype(np.float32)
     if not np.isfinite(mono).all():
         raise SampleError("audio holds non-finite samples")
-    frames = spec.audio_frames
-    need = (frames - 1) * spec.hop_length + spec.n_fft
     mono = np.pad(mono[:need], (0, max(0, need - len(mono))))
     windows = np.lib.stride_tricks.sliding_window_view(mono, spec.n_fft)[::spec.hop_length][:frames]
     power = np.abs(np.fft.rfft(windows * np.hanning(spec.n_fft).astype(np.float32), axis=-1)) ** 2

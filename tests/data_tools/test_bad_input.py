@@ -50,12 +50,12 @@ def test_bad_image_rows_are_rejected_with_reasons(tmp_path, fx, capsys):
         ("corrupt_image", {"key": "r4", "image": "m/cut.jpg", "caption": "truncated jpeg"}),
         ("image_too_large", {"key": "r5", "image": "m/bomb.png", "caption": "bomb"}),
         ("image_too_large", {"key": "r6", "image": "m/big.png", "caption": "60 Mpx"}),
-        ("unsupported_format", {"key": "r7", "image": "m/anim.gif", "caption": "gif"}),
+        (None, {"key": "r7", "image": "m/anim.gif", "caption": "gif: stored as PNG"}),
         ("unsupported_format", {"key": "r8", "image": "m/x.bmp", "caption": "bmp"}),
         ("empty_text", {"key": "r9", "image": "m/good.png", "caption": ""}),
         ("empty_text", {"key": "r10", "image": "m/good.png", "caption": "  \n"}),
         ("empty_text", {"key": "r11", "image": "m/good.png", "caption": None}),
-        ("unsafe_name", {"key": "a/b", "image": "m/good.png", "caption": "slash"}),
+        (None, {"key": "a/b", "image": "m/good.png", "caption": "a folder, as webdataset keys"}),
         ("unsafe_name", {"key": "../../escape", "image": "m/good.png", "caption": "dots"}),
         ("unsafe_name", {"key": "/abs", "image": "m/good.png", "caption": "absolute"}),
         ("unsafe_name", {"key": "k.jpg", "image": "m/good.png", "caption": "dot in key"}),
@@ -83,7 +83,7 @@ def test_bad_image_rows_are_rejected_with_reasons(tmp_path, fx, capsys):
     assert [(r["source_row"], r["code"]) for r in rejected] == expected
     assert all(r["reason"] for r in rejected)
     assert "resolves outside" in rejected[[c for _, c in expected].index("unsafe_path")]["reason"]
-    assert built_keys(out) == ["ok1", "ok2"]
+    assert built_keys(out) == ["ok1", "r7", "a/b", "ok2"]
 
     n_bad = sum(1 for code, _ in rows if code)
     assert f"rejected {n_bad} rows" in stdout and "corrupt_image 3" in stdout
@@ -105,14 +105,14 @@ def test_bad_audio_rows(tmp_path, fx, capsys):
             ("corrupt_audio", {"audio": "cut.wav", "text": "truncated wav"}),
             ("corrupt_audio", {"audio": "cut.flac", "text": "truncated flac"}),
             ("corrupt_audio", {"audio": "noise.wav", "text": "noise"}),
-            ("unsupported_format", {"audio": "clip.ogg", "text": "ogg"}),
+            (None, {"audio": "clip.ogg", "text": "ogg vorbis"}),
             ("unsupported_format", {"audio": "text.wav", "text": "not audio"}),
             ("empty_text", {"audio": "ok.flac", "text": ""}),
             (None, {"audio": "ok.flac", "text": "b"})]
     fx.write_jsonl(tmp_path / "clips.jsonl", [r for _, r in rows])
     rc, stdout, _ = fx.run(capsys, "build", "audio-text", tmp_path / "clips.jsonl",
                            "-o", tmp_path / "out")
-    assert rc == 0 and "2 samples" in stdout
+    assert rc == 0 and "3 samples" in stdout
     codes = [r["code"] for r in fx.read_jsonl(tmp_path / "out/rejected.jsonl")]
     assert codes == [code for code, _ in rows if code]
 
@@ -139,10 +139,10 @@ def test_bad_tar_members_and_truncated_tar(tmp_path, fx, capsys):
     rc, stdout, _ = fx.run(capsys, "build", "wds", tmp_path / "a.tar", tmp_path / "b.tar",
                            "-o", tmp_path / "out")
     assert rc == 0
-    assert built_keys(tmp_path / "out") == ["good", "last", "k0"]
+    assert built_keys(tmp_path / "out") == ["good", "dir/k", "last", "k0"]
     rejected = fx.read_jsonl(tmp_path / "out/rejected.jsonl")
     by_row = {r["source_row"].split(":", 1)[1]: r["code"] for r in rejected}
-    assert by_row["../../evil"] == by_row["/abs/x"] == by_row["dir/k"] == "unsafe_name"
+    assert by_row["../../evil"] == by_row["/abs/x"] == "unsafe_name"
     assert by_row["two"] == by_row["bad"] == "invalid_sample"
     assert by_row["meta"] == "bad_row"
     assert rejected[-1]["code"] == "bad_source" and "b.tar" in rejected[-1]["source_row"]

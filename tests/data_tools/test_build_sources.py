@@ -36,15 +36,20 @@ def test_image_text_parquet_read_by_webdataset_and_tar(tmp_path, fx, capsys):
 
     samples = wds_samples(tmp_path / "out")
     assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(5)]
-    first = samples[0]
-    assert segments(first) == [{"type": "image", "member": "0.png"},
-                               {"type": "text", "text": "picture number 0"}]
-    assert first["0.png"] == (tmp_path / "media/img0.png").read_bytes()  # untouched bytes
-    assert json.loads(first["json"])["meta"] == {"score": 0.0}  # extra columns kept
+    first = samples[0]  # the WebDataset pair convention: KEY.png + KEY.txt + KEY.json
+    assert first["png"] == (tmp_path / "media/img0.png").read_bytes()  # untouched bytes
+    assert first["txt"] == b"picture number 0"
+    assert json.loads(first["json"]) == {"score": 0.0}  # extra columns kept as metadata
 
     listing = subprocess.run(["tar", "-tf", str(tmp_path / "out/shard-000000.tar")],
                              capture_output=True, text=True, check=True).stdout.split()
-    assert listing == ["000000000.json", "000000000.0.png", "000000001.json", "000000001.0.png"]
+    assert listing == ["000000000.json", "000000000.png", "000000000.txt",
+                       "000000001.json", "000000001.png", "000000001.txt"]
+
+    # open_clip's reading of image-text shards
+    urls = [str(tmp_path / "out" / s["name"]) for s in read_dataset_index(tmp_path / "out")["shards"]]
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png", "txt"))
+    assert len(pairs) == 5 and pairs[3][0].size == (24, 16) and pairs[3][1] == "picture number 3"
 
     manifest = pq.read_table(tmp_path / "out/manifest.parquet").to_pylist()
     assert len(manifest) == 5
@@ -74,7 +79,7 @@ def test_image_text_csv_tsv_jsonl_with_custom_columns(tmp_path, fx, capsys, fmt)
     assert rc == 0, out
     samples = wds_samples(tmp_path / "out")
     assert [s["__key__"] for s in samples] == ["k0", "k1", "k2"]
-    assert segments(samples[2])[1]["text"] == "picture number 2"
+    assert samples[2]["txt"] == b"picture number 2"
 
 
 def test_image_bytes_and_hf_struct_cells(tmp_path, fx, capsys):
@@ -88,8 +93,8 @@ def test_image_bytes_and_hf_struct_cells(tmp_path, fx, capsys):
                         tmp_path / "u.parquet", "-o", tmp_path / "out")
     assert rc == 0 and "3 samples" in out
     samples = wds_samples(tmp_path / "out")
-    assert samples[0]["0.png"] == png and samples[1]["0.jpg"] == jpg
-    assert segments(samples[2])[1]["text"] == "hf struct"
+    assert samples[0]["png"] == png and samples[1]["jpg"] == jpg
+    assert samples[2]["txt"] == b"hf struct"
 
 
 def test_img2dataset_tars_reshard_and_filter(tmp_path, fx, capsys):
@@ -106,17 +111,16 @@ def test_img2dataset_tars_reshard_and_filter(tmp_path, fx, capsys):
     assert rc == 0 and "5 samples in 2 shards" in out and "filtered 1" in out
     samples = wds_samples(tmp_path / "out")
     assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(5)]  # keys kept
-    meta = json.loads(samples[1]["json"])
-    assert meta["meta"] == {"url": "http://x/1", "width": 24}
-    assert meta["segments"] == [{"type": "image", "member": "0.jpg"},
-                                {"type": "text", "text": "caption 1"}]
+    assert json.loads(samples[1]["json"]) == {"url": "http://x/1", "width": 24}
+    assert samples[1]["txt"] == b"caption 1" and samples[1]["jpg"] == members[3][1]
 
     # our own shards are a valid wds input too: re-shard them, content unchanged
     rc, out, _ = fx.run(capsys, "build", "wds", tmp_path / "out", "-o", tmp_path / "again",
                         "--max-samples", "100")
     assert rc == 0 and "5 samples in 1 shards" in out
     again = wds_samples(tmp_path / "again")
-    assert [(s["json"], s["0.jpg"]) for s in again] == [(s["json"], s["0.jpg"]) for s in samples]
+    assert [(s["json"], s["jpg"], s["txt"]) for s in again] == \
+        [(s["json"], s["jpg"], s["txt"]) for s in samples]
 
 
 def test_pipe_inputs_only_with_allow_pipe(tmp_path, fx, capsys):
@@ -149,9 +153,9 @@ def test_interleaved_documents_keep_order(tmp_path, fx, capsys):
         {"type": "text", "text": "End."}]
     assert doc["0.png"] == (tmp_path / "a.png").read_bytes()
     assert json.loads(doc["json"])["meta"] == {"general_metadata": '{"url": "http://doc"}'}
-    assert segments(text_only) == [{"type": "text", "text": "Only text."}]
-    assert segments(from_bytes)[0] == {"type": "image", "member": "0.jpg"}
-    assert from_bytes["0.jpg"] == jpg
+    assert text_only["txt"] == b"Only text."  # [text] and [image, text]: the pair layout
+    assert json.loads(text_only["json"]) == {"general_metadata": "{}"}
+    assert from_bytes["jpg"] == jpg and from_bytes["txt"] == b"After."
     members = {k: v for k, v in doc.items() if not k.startswith("__")}
     assert [s.type for s in parse_sample(doc["__key__"], members).segments] == \
         ["text", "image", "text", "image", "text"]
@@ -166,9 +170,8 @@ def test_audio_text_wav_and_flac(tmp_path, fx, capsys):
                         "-o", tmp_path / "out")
     assert rc == 0 and "2 samples" in out
     a, b = wds_samples(tmp_path / "out")
-    assert segments(a) == [{"type": "audio", "member": "0.wav"},
-                           {"type": "text", "text": "hello"}]
-    assert a["0.wav"] == (tmp_path / "a.wav").read_bytes() and "0.flac" in b
+    assert a["txt"] == b"hello" and b["txt"] == b"world"
+    assert a["wav"] == (tmp_path / "a.wav").read_bytes() and "flac" in b
     manifest = pq.read_table(tmp_path / "out/manifest.parquet").to_pylist()
     assert [r["n_audio"] for r in manifest] == [1, 1] and manifest[0]["est_tokens_audio"] > 0
 
@@ -179,8 +182,7 @@ def test_text_jsonl(tmp_path, fx, capsys):
     rc, out, _ = fx.run(capsys, "build", "text", tmp_path / "t.jsonl", "-o", tmp_path / "out")
     assert rc == 0 and "2 samples" in out
     first = wds_samples(tmp_path / "out")[0]
-    assert json.loads(first["json"]) == {"schema": 1, "source": "text", "meta": {"lang": "en"},
-                                         "segments": [{"type": "text", "text": "first document"}]}
+    assert first["txt"] == b"first document" and json.loads(first["json"]) == {"lang": "en"}
 
 
 def test_max_bytes_limits_shards_and_builds_are_identical(tmp_path, fx, capsys):
@@ -215,8 +217,8 @@ def test_media_normalisation(tmp_path, fx, capsys):
                       tmp_path / "img", "--image-max-side", "64", "--image-format", "jpeg")
     assert rc == 0
     big, small = wds_samples(tmp_path / "img")
-    assert Image.open(io.BytesIO(big["0.jpg"])).size == (64, 32)
-    assert Image.open(io.BytesIO(small["0.jpg"])).format == "JPEG"
+    assert Image.open(io.BytesIO(big["jpg"])).size == (64, 32)
+    assert Image.open(io.BytesIO(small["jpg"])).format == "JPEG"
 
     (tmp_path / "st.wav").write_bytes(fx.audio_bytes(0, seconds=2.0, rate=44100, channels=2))
     (tmp_path / "ok.wav").write_bytes(fx.audio_bytes(1, seconds=0.5, rate=16000))
@@ -227,9 +229,9 @@ def test_media_normalisation(tmp_path, fx, capsys):
                       "--audio-format", "flac", "--workers", "1")
     assert rc == 0
     stereo, ok = wds_samples(tmp_path / "aud")
-    info = soundfile.info(io.BytesIO(stereo["0.flac"]))
+    info = soundfile.info(io.BytesIO(stereo["flac"]))
     assert (info.channels, info.samplerate, info.frames) == (1, 16000, 16000)
-    assert soundfile.info(io.BytesIO(ok["0.flac"])).frames == 8000
+    assert soundfile.info(io.BytesIO(ok["flac"])).frames == 8000
 
 
 def test_output_dir_holding_another_dataset_is_refused(tmp_path, fx, capsys):
