@@ -305,7 +305,8 @@ def load_media(value: Any, media_root: str) -> bytes:
         raise Rejected("bad_row", f"media cell is {type(value).__name__}, not a path or bytes")
     if value.startswith("pipe:") or "://" in value:
         raise Rejected("unsupported_format", f"{value[:100]!r} is a URL or pipe:, not a local "
-                       "file (pass --download to fetch http(s) URLs; pipe: is never run)")
+                       "file (only http(s) URLs are fetched, with --download; pipe: is never "
+                       "run)")
     if storage.is_url(media_root):  # a table in object storage: media beside it, by range read
         return _load_remote_media(value, media_root)
     root = os.path.realpath(media_root)
