@@ -108,3 +108,14 @@ def test_duplicate_yaml_keys_name_the_key_and_line(tmp_path):
         load_config(None, ["data.mix={a: 1, a: 2}"])
     # A YAML merge key's values may still be overridden: that is not a duplicate.
     assert load_config(None, ["train={<<: {steps: 5, log_every: 1}, steps: 7}"]).train.steps == 7
+
+
+def test_the_hang_dump_comes_before_the_collective_timeout():
+    cfg = load_config(None, ["train.hang_dump_minutes=0.1", "engine.timeout_minutes=0.25"])
+    assert cfg.train.hang_dump_minutes == 0.1 and cfg.engine.timeout_minutes == 0.25
+    with pytest.raises(ValueError, match="train.hang_dump_minutes=10 must be below "
+                                         "engine.timeout_minutes=10"):
+        load_config(None, ["train.hang_dump_minutes=10"])
+    with pytest.raises(ValueError, match="train.hang_dump_minutes=-1.0 must be >= 0"):
+        load_config(None, ["train.hang_dump_minutes=-1"])
+    assert load_config(None, ["train.hang_dump_minutes=0"]).train.hang_dump_minutes == 0

@@ -156,3 +156,50 @@ def test_world_size_changes_through_launch(demo_corpus, tmp_path):
     assert seen == [[], ["2"], ["2", "4"]]
     got = losses(run)
     assert sorted(got) == list(range(1, STEPS + 1)) and all(0 < v < 20 for v in got.values()), got
+
+
+def rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def test_a_stopped_rank_leaves_the_others_stacks_then_the_job_resumes(demo_corpus, baseline,
+                                                                      tmp_path):
+    """SIGSTOP one rank: the other rank's watchdog writes its stacks to RUN/logs/ (within
+    train.hang_dump_minutes), its collective times out (engine.timeout_minutes), and torchrun
+    restarts the job, which resumes and matches the uninterrupted run."""
+    proc = start(demo_corpus, tmp_path, "hang", "--nproc-per-node", "2", "--max-restarts", "1",
+                 "--monitor-interval", "0.5", "--shutdown-timeout", "2",
+                 overrides=(*RUN, "train.hang_dump_minutes=0.07", "engine.timeout_minutes=0.25"))
+    run = tmp_path / "hang"
+    latest = run / "checkpoints" / "latest"
+    deadline, stopped = time.monotonic() + 240, None
+    try:
+        while not (latest.is_file() and latest.read_text().strip() >= "step_00000002"):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint committed"
+            time.sleep(0.02)
+        stopped = next(p for p in rank_pids(proc.pid) if rank_of(p) == 1)
+        stopped_at = time.time()
+        os.kill(stopped, signal.SIGSTOP)
+        finish(proc)
+    finally:
+        if stopped is not None and Path(f"/proc/{stopped}").exists():
+            os.kill(stopped, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    (attempt_1,) = (run / "logs" / "torchrun" / "node0").glob("*/attempt_1")
+    dumps = [p for p in (run / "logs").glob("stacks_rank_0_2*.txt")
+             if p.stat().st_mtime >= stopped_at]
+    assert dumps, "rank 0 wrote no stacks while rank 1 was stopped"
+    assert min(p.stat().st_mtime for p in dumps) < attempt_1.stat().st_mtime, \
+        "the stacks came after the restart"
+    text = dumps[0].read_text()
+    # rank 0's main thread waits in a collective (all_reduce of a step, or a checkpoint barrier)
+    assert "no step completed for" in text and "torch/distributed/distributed_c10d.py" in text, text
+    got, want = losses(run), losses(baseline)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    resumed = [line for line in (run / "logs" / "rank_0.log").read_text().splitlines()
+               if "resumed from" in line]
+    step = int(resumed[-1].rsplit("at step", 1)[1])
+    for s in range(step + 1, STEPS + 1):
+        assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
