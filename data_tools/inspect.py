@@ -79,10 +79,12 @@ def describe_sample(key: str, members: dict[str, bytes], *, shard: str = "",
 
 
 def _meta(members: dict[str, bytes]) -> Any:
+    """A segment list's "meta", or a pair's whole KEY.json (img2dataset's metadata)."""
     try:
-        return json.loads(members["json"]).get("meta") if "json" in members else None
-    except (ValueError, AttributeError):
+        meta = json.loads(members["json"]) if "json" in members else None
+    except ValueError:
         return None
+    return meta.get("meta") if isinstance(meta, dict) and "segments" in meta else meta
 
 
 def _media_info(kind: str, data: bytes) -> str:

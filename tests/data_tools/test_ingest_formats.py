@@ -173,6 +173,30 @@ def test_text_longer_than_the_limit_is_rejected(tmp_path, fx, capsys):
     assert "5000 text characters > --max-text-chars=1000" in rej["reason"]
 
 
+def test_text_limit_is_checked_before_media_are_decoded(tmp_path, fx, capsys):
+    (tmp_path / "noise.png").write_bytes(b"\x89PNG not an image")
+    fx.write_jsonl(tmp_path / "t.jsonl", [{"image": "noise.png", "caption": "y" * 50}])
+    rc, out, _ = fx.run(capsys, "build", "image-text", tmp_path / "t.jsonl", "-o",
+                        tmp_path / "out", "--max-text-chars", "10")
+    assert rc == 0 and "text_too_long 1" in out
+
+
+def test_audio_format_libsndfile_cannot_decode_is_rejected_with_a_reason(monkeypatch):
+    from data_tools import media
+    from data_tools.errors import Rejected
+
+    mp3 = encoded_audio("MP3", "MPEG_LAYER_III")
+    monkeypatch.setattr(soundfile, "available_formats", lambda: {"WAV": "", "FLAC": ""})
+
+    def old_libsndfile(*args, **kwargs):
+        raise soundfile.LibsndfileError(1, "Format not recognised.")
+
+    monkeypatch.setattr(soundfile, "info", old_libsndfile)
+    with pytest.raises(Rejected, match=r"MP3, which this libsndfile .* cannot decode") as e:
+        media.prepare_audio(mp3, media.MediaOptions())
+    assert e.value.code == "unsupported_format"
+
+
 def test_audio_is_cropped_before_it_is_resampled(tmp_path, fx, monkeypatch):
     from data_tools import media
     from mmtrain.data import decode

@@ -58,6 +58,9 @@ def test_inspect_samples_key_and_contact_sheet(demo, tmp_path, fx, capsys):
     rc, out, _ = fx.run(capsys, "inspect", demo / "train", "--key", "train-000041")
     assert rc == 0 and out.count("── ") == 1 and "train-000041" in out
     assert "synth:train:41" in out  # the source row, from the manifest
+    rc, out, _ = fx.run(capsys, "inspect", demo / "train", "--key", "train-000000")
+    assert rc == 0 and 'meta {"source": "synth/image"}' in out  # a pair's KEY.json
+    assert "[0] image  png" in out and "[1] text" in out
     rc, _, err = fx.run(capsys, "inspect", demo / "train", "--key", "nope")
     assert rc == 2 and "not in" in err
 
