@@ -204,7 +204,7 @@ class _EndCheckingReader(io.RawIOBase):
         data = self.raw.read(n)
         if len(self.head) < 6:
             self.head += data[:6 - len(self.head)]
-        self.tail = (self.tail + data)[-2 * tarfile.BLOCKSIZE:]
+        self.tail = (self.tail + data[-2 * tarfile.BLOCKSIZE:])[-2 * tarfile.BLOCKSIZE:]
         return data
 
     def readinto(self, b: Any) -> int:

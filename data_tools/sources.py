@@ -132,6 +132,8 @@ def _csv_rows(path: str, delimiter: str, header: tuple[str, ...] = ()
     with io.TextIOWrapper(storage.open_read(path), newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
         reader = csv.reader(f, delimiter=delimiter, strict=True, **quoting)
         names = list(header) or next(reader, [])
+        if len(set(names)) != len(names):
+            raise ValueError(f"{path}: the header names a column twice: {names}")
         while True:
             line = reader.line_num + 1
             try:
@@ -184,8 +186,9 @@ def iter_tar(path: str, allow_pipe: bool) -> Iterator[Read]:
         for key, members in iter_tar_groups(stream, path):
             yield f"{path}:{key}", {"__key__": key, "__members__": members}, None
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors on truncated data
+        detail = e.args[0] if e.args else ""  # webdataset appends (stream, url) to the args
         yield f"{path}:{key}", {}, ("bad_source", f"{path} cannot be read after key {key!r}: "
-                                    f"{type(e).__name__}: {e}")
+                                    f"{type(e).__name__}: {detail}")
     finally:
         stream.close()
         if proc is not None:

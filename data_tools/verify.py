@@ -120,7 +120,8 @@ def _check_shard(check: _ShardCheck) -> tuple[list[str], int, int]:
                 found.append(key)
                 problems.extend(f"{name}: {p}" for p in _sample_problems(key, members, check))
         except Exception as e:  # tarfile.ReadError / EOFError on a cut or corrupt tar
-            problems.append(f"{name}: unreadable after key {key!r}: {type(e).__name__}: {e}")
+            detail = e.args[0] if e.args else ""  # webdataset appends (stream, url) to args
+            problems.append(f"{name}: unreadable after key {key!r}: {type(e).__name__}: {detail}")
         reader.drain()
     if reader.h.hexdigest() != expected["sha256"]:
         problems.append(f"{name}: sha256 {reader.h.hexdigest()[:16]}… does not match "
