@@ -78,6 +78,7 @@ def test_unclosed_csv_quote_is_reported_not_swallowed(tmp_path, fx, capsys):
 def test_wds_uses_every_member_whatever_the_case_format_or_folder(tmp_path, fx, capsys):
     png, jpg = fx.image_bytes(0), fx.image_bytes(1, fmt="JPEG")
     fx.write_tar(tmp_path / "a.tar", [
+        ("README", b"no suffix: webdataset skips it"),
         ("001.JPG", jpg), ("001.TXT", b"upper case"),
         ("002.gif", fx.image_bytes(2, fmt="GIF")), ("002.txt", b"a gif"),
         ("003.mp3", encoded_audio("MP3", "MPEG_LAYER_III")), ("003.txt", b"mp3"),
@@ -90,6 +91,7 @@ def test_wds_uses_every_member_whatever_the_case_format_or_folder(tmp_path, fx, 
     rc, out, _ = fx.run(capsys, "build", "wds", tmp_path / "a.tar", "-o", tmp_path / "out")
     assert rc == 0, out
     samples = {s["__key__"]: s for s in wds_samples(tmp_path / "out")}
+    assert list(samples) == ["001", "002", "003", "004", "005", "dir/sub/006"]
     assert samples["001"]["jpg"] == jpg and samples["001"]["txt"] == b"upper case"
     assert "png" in samples["002"]  # GIF: first frame as PNG
     assert samples["003"]["mp3"] and samples["004"]["ogg"] and samples["005"]["opus"]
