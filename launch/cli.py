@@ -145,6 +145,7 @@ def run_preflight(plan: plans.LaunchPlan, args: argparse.Namespace, *, dry_run: 
     report.check(lambda: preflight.check_tokenizer(cfg.data.tokenizer))
     if args.global_batch is not None:
         report.check(lambda: _global_batch(plan, args.global_batch))
+    report.check(lambda: preflight.global_batch_tokens(plan.cfg, plan.world))
     if builds_demo:
         report.notes.append(f"the demo corpus will be built in {Path(cfg.data.train).parent}")
     else:
@@ -181,9 +182,13 @@ def _layout(plan: plans.LaunchPlan) -> str:
                            world=plan.world, workers=plan.cfg.data.num_workers,
                            what=" + ".join(f"{key}={location}" for location, key in datasets))
     d, e = plan.cfg.data, plan.cfg.engine
-    rows = d.micro_batch_size * e.grad_accum * plan.world
+    try:
+        accum = plan.cfg.engine_for(plan.world).grad_accum  # from engine.global_batch_tokens
+    except ValueError:  # already reported by the preflight.global_batch_tokens check
+        accum = e.grad_accum
+    rows = d.micro_batch_size * accum * plan.world
     return (f"{plan.world} ranks; global batch {rows} rows "
-            f"= {d.micro_batch_size} (data.micro_batch_size) × {e.grad_accum} (engine.grad_accum) "
+            f"= {d.micro_batch_size} (data.micro_batch_size) × {accum} (engine.grad_accum) "
             f"× {plan.world} ranks; {d.num_streams} logical streams over {shards} shards")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mmtrain.config import RunConfig, save_config
+from mmtrain.distributed.deepspeed import resolve_backend
 
 
 def free_port() -> int:
@@ -88,6 +89,7 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
     save_config(cfg, config_path)
     nproc = cfg.launch.nproc
     kind = device_kind(cfg)
+    resolve_backend(cfg.engine, cfg.launch.device)  # e.g. launch.device=cuda without a GPU: stop now
     if kind == "cuda" and torch.cuda.device_count() < nproc:
         raise ValueError(f"launch.nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
     threads = cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
@@ -102,7 +104,8 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
         cmd.append("--fresh")
     if resume:
         cmd += ["--resume", resume]
-    print(f"starting {nproc} {kind.upper()} ranks; run directory {run_dir}", flush=True)
+    print(f"{cfg.global_batch_summary(nproc)}\nstarting {nproc} {kind.upper()} ranks; run directory "
+          f"{run_dir}", flush=True)
     from launch.supervise import run_child  # forwards SIGTERM/SIGINT to torchrun, hence the ranks
 
     return run_child(cmd, env).returncode

@@ -18,7 +18,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from mmtrain.config import RunConfig
 
 
 class Report:
@@ -110,6 +113,12 @@ def check_layout(*, num_shards: int, num_streams: int, world: int, workers: int,
     from mmtrain.data.loader import check_layout as loader_layout
 
     loader_layout(num_shards, num_streams, world * max(1, workers), what)
+
+
+def global_batch_tokens(cfg: RunConfig, world: int) -> str:
+    """Tokens per optimizer step on `world` ranks (grad_accum derived from
+    engine.global_batch_tokens when set; a ValueError naming the keys when it does not divide)."""
+    return cfg.global_batch_summary(world)
 
 
 def global_batch_accum(global_batch: int, *, world: int, micro_batch: int) -> int:

@@ -116,6 +116,25 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def engine_for(self, world_size: int) -> EngineConfig:
+        """The engine config on `world_size` ranks, grad_accum derived from
+        engine.global_batch_tokens when set (a ValueError naming the keys if it doesn't divide)."""
+        return self.engine.resolved(world_size=world_size, micro_batch_size=self.data.micro_batch_size,
+                                    seq_len=self.data.seq_len)
+
+    def tokens_per_global_batch(self, world_size: int) -> int:
+        """Token positions per optimizer step over all ranks (padding included)."""
+        accum = self.engine_for(world_size).grad_accum
+        return world_size * self.data.micro_batch_size * accum * self.data.seq_len
+
+    def global_batch_summary(self, world_size: int) -> str:
+        """One line for preflight and the train start log."""
+        accum = self.engine_for(world_size).grad_accum
+        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+        return (f"global batch {self.tokens_per_global_batch(world_size):,} tokens = {ranks} "
+                f"× {self.data.micro_batch_size} (data.micro_batch_size) × {accum} "
+                f"(grad_accum) × {self.data.seq_len} (data.seq_len)")
+
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from mmtrain.data.batch import Batch
+from mmtrain.distributed.collectives import Collectives
 
 
 def shuffle_media(batch: Batch) -> Batch:
@@ -24,10 +25,11 @@ def shuffle_media(batch: Batch) -> Batch:
 
 @torch.no_grad()
 def evaluate(token_losses: Callable[[Batch], torch.Tensor], batches: list[Batch],
-             device: torch.device, all_reduce: Callable[[torch.Tensor], None]) -> dict[str, float]:
+             device: torch.device, collectives: Collectives | None) -> dict[str, float]:
     """Loss over all text targets, caption loss with real and shuffled media, media gain.
 
-    `token_losses(batch) -> [B, T]` runs the model; `all_reduce` sums a tensor over ranks.
+    `token_losses(batch) -> [B, T]` runs the model; the sums are added over ranks through
+    `collectives` (on `device`); None: this process alone.
     """
     # sums: loss, targets, caption loss real, caption loss shuffled, caption tokens
     sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -39,8 +41,8 @@ def evaluate(token_losses: Callable[[Batch], torch.Tensor], batches: list[Batch]
         caption = batch.caption_mask
         sums += torch.stack([real[valid].sum(), valid.sum().double(), real[caption].sum(),
                              shuffled[caption].sum(), caption.sum().double()])
-    all_reduce(sums)
-    loss, n, cap_real, cap_shuf, n_cap = sums.tolist()  # sync
+    totals = collectives.sum(sums) if collectives is not None else sums.tolist()  # sync
+    loss, n, cap_real, cap_shuf, n_cap = totals
     n_cap = max(n_cap, 1.0)
     return {"loss": loss / max(n, 1.0), "caption_loss": cap_real / n_cap,
             "caption_loss_shuffled": cap_shuf / n_cap,

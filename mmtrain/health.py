@@ -10,9 +10,10 @@ import logging
 import math
 import signal
 import time
-from typing import Callable
 
 import torch
+
+from mmtrain.distributed.collectives import Collectives
 
 log = logging.getLogger("mmtrain.health")
 EXIT_DIVERGED = 3  # a distinct exit code: M consecutive non-finite steps
@@ -41,18 +42,19 @@ class PreemptionFlag:
 class StepFlags:
     """Per-step agreement across ranks: [non-finite loss, stop requested, time to save]."""
 
-    def __init__(self, all_reduce_max: Callable[[torch.Tensor], None], ckpt_minutes: float,
-                 rank: int) -> None:
-        self.all_reduce_max, self.ckpt_seconds, self.rank = all_reduce_max, ckpt_minutes * 60, rank
+    def __init__(self, collectives: Collectives, ckpt_minutes: float) -> None:
+        self.collectives, self.ckpt_seconds = collectives, ckpt_minutes * 60
+        self.rank = collectives.rank
         self.last_save = time.monotonic()
 
     def agree(self, loss: torch.Tensor, stop: bool) -> tuple[bool, bool, bool]:
         due = self.ckpt_seconds > 0 and self.rank == 0 and \
             time.monotonic() - self.last_save >= self.ckpt_seconds  # rank 0's clock decides
-        flags = torch.tensor([float(not torch.isfinite(loss).item()), float(stop), float(due)])  # sync
-        self.all_reduce_max(flags)
-        nonfinite, stop_all, due_all = (bool(x) for x in flags.tolist())
-        return nonfinite, stop_all, due_all
+        # Built on the loss's device: one all-reduce (max) and one host sync, no extra .item().
+        nonfinite = (~torch.isfinite(loss.detach())).reshape(1).to(torch.float64)
+        flags = torch.cat([nonfinite, nonfinite.new_tensor([float(stop), float(due)])])
+        nonfinite_all, stop_all, due_all = (bool(x) for x in self.collectives.max(flags))  # sync
+        return nonfinite_all, stop_all, due_all
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mmtrain import kernels
@@ -30,11 +29,12 @@ from mmtrain.config import RunConfig, from_dict
 from mmtrain.data.loader import ShardLoader, eval_batches
 from mmtrain.data.tokenizer import build_tokenizer
 from mmtrain.distributed import deepspeed as ds
+from mmtrain.distributed.collectives import Collectives
 from mmtrain.evaluate import evaluate
 from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag, StepFlags,
                             parameters_finite)
 from mmtrain.metrics import MetricsLogger
-from mmtrain.model import FusionTransformer
+from mmtrain.model import FusionTransformer, ModelConfig
 from mmtrain.watchdog import Watchdog
 
 log = logging.getLogger("mmtrain.train")
@@ -56,7 +56,9 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> dict[str, float]:
-    rank, world, device = ds.init_distributed(cfg.engine)
+    rank, world, device = ds.init_distributed(cfg.engine, device=cfg.launch.device)
+    coll = Collectives(device)  # every collective outside DeepSpeed, on the engine's device
+    engine_cfg = cfg.engine_for(world)  # grad_accum derived from engine.global_batch_tokens
     run_dir = cfg.train.run_dir
     setup_logging(run_dir, rank)
     seed_everything(cfg.train.seed)
@@ -67,14 +69,14 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens ({cfg.data.tokenizer})")
     spec = cfg.model.media()
-    model = ds.build_model(lambda: FusionTransformer(cfg.model), cfg.engine, device)
-    engine, ds_json = ds.build_engine(model, cfg.engine, micro_batch_size=cfg.data.micro_batch_size,
+    model = ds.build_model(lambda: FusionTransformer(cfg.model), engine_cfg, device)
+    engine, ds_json = ds.build_engine(model, engine_cfg, micro_batch_size=cfg.data.micro_batch_size,
                                       world_size=world, total_steps=cfg.train.steps,
                                       run_dir=run_dir)
     loader = ShardLoader(cfg.data, spec=spec, tokenizer=tokenizer, rank=rank, world_size=world,
                          quarantine=run_dir / "quarantine" / f"rank_{rank}.jsonl")
     checkpointer = Checkpointer(run_dir / "checkpoints", rank=rank, world_size=world,
-                                keep_last=cfg.train.keep_last, barrier=dist.barrier)
+                                keep_last=cfg.train.keep_last, barrier=coll.barrier)
     metrics = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps)
     val = (eval_batches(cfg.data.val, cfg.data, spec=spec, tokenizer=tokenizer, rank=rank,
                         world_size=world, num_batches=cfg.train.eval_batches)
@@ -88,8 +90,9 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                                  load_loader=loader.load_state_dict)
         log.info("resumed from %s at step %d", ckpt, step)
     elif rank == 0:
-        log.info("starting fresh: %d ranks, %s, ZeRO-%d, %s, %.2fM parameters", world, device,
-                 cfg.engine.zero_stage, cfg.engine.precision, cfg.model.num_params() / 1e6)
+        log.info("starting fresh: %d ranks, %s, ZeRO-%d, %s, %.2fM parameters, %s", world, device,
+                 cfg.engine.zero_stage, cfg.engine.precision, cfg.model.num_params() / 1e6,
+                 cfg.global_batch_summary(world))
 
     def save(at: int) -> Path:
         if not parameters_finite(engine.module.parameters()):
@@ -103,8 +106,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
 
     def run_eval(at: int) -> dict[str, float]:
         engine.module.eval()
-        result = evaluate(engine.module.token_losses, val, device,
-                          lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        result = evaluate(engine.module.token_losses, val, device, coll)
         engine.module.train()
         metrics.log(at, result, prefix="val")
         if rank == 0:
@@ -114,9 +116,8 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         return result
 
     preempt = PreemptionFlag()
-    flags = StepFlags(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX), cfg.train.ckpt_minutes, rank)
+    flags = StepFlags(coll, cfg.train.ckpt_minutes)
     monitor = LossMonitor(max_consecutive=cfg.train.max_skipped_steps, spike_z=cfg.train.spike_z)
-    flops = cfg.model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(cfg.train.peak_tflops, device)
     stop_at = min(cfg.train.steps, step + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     last_saved = step
@@ -126,15 +127,17 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     watchdog.start(step)  # stacks on disk when no step completes in time, and on SIGUSR2
     while step < stop_at:
         t0 = time.perf_counter()
-        out = train_step(engine, loader, cfg.engine.grad_accum, device, flags, preempt)
+        out = train_step(engine, loader, engine_cfg.grad_accum, device, flags, preempt)
         step += 1
         watchdog.beat(step)
         if out.skipped:
             monitor.skipped(step)
         spike = not out.skipped and monitor.observe(step, out.loss)
         if step % cfg.train.log_every == 0 or step == stop_at or out.skipped:
-            values = step_metrics(engine, out, time.perf_counter() - t0, world, flops, peak)
-            values.update(skipped_steps=monitor.skipped_total, loss_spike=float(spike),
+            values = step_metrics(out, time.perf_counter() - t0, coll, model=cfg.model,
+                                  seq_len=cfg.data.seq_len, peak=peak)
+            values.update(lr=ds.current_lr(engine), grad_norm=ds.grad_norm(engine),
+                          skipped_steps=monitor.skipped_total, loss_spike=float(spike),
                           skipped_samples=float(loader.skipped), epoch=float(loader.epochs()))
             metrics.log(step, values)
             metrics.progress(step, values)
@@ -156,7 +159,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
               f"tensorboard:   tensorboard --logdir {run_dir / 'tb'}", flush=True)
     watchdog.stop()
     metrics.close()
-    dist.barrier()
+    coll.barrier()
     return result
 
 
@@ -212,31 +215,36 @@ def peak_flops(configured_tflops: float, device: torch.device) -> float:
     return 0.0
 
 
-def step_metrics(engine, out: StepOutput, step_time: float, world: int, flops_per_token: float,
-                 peak: float) -> dict[str, float]:
-    """Loss averaged over ranks, throughput summed over ranks (one all-reduce).
+def step_metrics(out: StepOutput, step_time: float, coll: Collectives, *, model: ModelConfig,
+                 seq_len: int, peak: float) -> dict[str, float]:
+    """Loss averaged over ranks, throughput summed over ranks (one all-reduce, on the device).
 
-    MFU = tokens/s · (6·N + 12·L·d·T) / (peak FLOP/s · devices) (ModelConfig.flops_per_token).
+    mfu          = tokens/s · (6·N + 12·L·d·T) / (peak FLOP/s · devices): the standard formula
+                   (ModelConfig.flops_per_token), full-context attention at T = data.seq_len.
+    mfu_executed = FLOPs executed / step time / (peak FLOP/s · devices), attention counted per
+                   document with its causal half: 6·N per position + 12·L·d per query-key pair,
+                   Σ n(n+1)/2 over the documents (ModelConfig.flops_executed).
+    Both only when the peak is known (train.peak_tflops, or a known GPU).
     """
     keys = ("real_tokens", "text_tokens", "image_tokens", "audio_tokens", "pad_tokens", "docs",
-            "split_docs", "dropped_docs")
-    packed = torch.tensor([out.loss] + [float(out.counts.get(k, 0)) for k in keys] + [out.data_wait],
-                          dtype=torch.float64)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    total = packed.tolist()
+            "split_docs", "dropped_docs", "attention_pairs")
+    total = coll.sum([out.loss] + [float(out.counts.get(k, 0)) for k in keys] + [out.data_wait])
+    world = coll.world_size
     tokens = total[1]
     values = {
-        "loss": total[0] / world, "lr": ds.current_lr(engine), "grad_norm": ds.grad_norm(engine),
+        "loss": total[0] / world,
         "tokens_per_s": tokens / step_time,
         **{f"{k.removesuffix('_tokens')}_tokens_per_s": v / step_time
            for k, v in zip(keys[1:4], total[2:5])},
         "packing_efficiency": tokens / max(1.0, tokens + total[5]),
         "docs_per_s": total[6] / step_time, "split_docs": total[7], "dropped_docs": total[8],
-        "data_wait_pct": 100.0 * total[9] / world / step_time, "step_time": step_time,
+        "data_wait_pct": 100.0 * total[10] / world / step_time, "step_time": step_time,
         "memory_gb": memory_gb(),
     }
     if peak:
-        values["mfu"] = tokens / step_time * flops_per_token / (peak * world)
+        values["mfu"] = tokens / step_time * model.flops_per_token(seq_len) / (peak * world)
+        executed = model.flops_executed(positions=int(tokens + total[5]), attention_pairs=int(total[9]))
+        values["mfu_executed"] = executed / step_time / (peak * world)
     return values
 
 

@@ -22,11 +22,11 @@ SCRIPT = textwrap.dedent("""
                       LOCAL_RANK="0")
     from mmtrain.data.batch import text_batch
     from mmtrain.distributed import deepspeed as ds
+    from mmtrain.distributed.collectives import Collectives
     from mmtrain.distributed.config import EngineConfig
     from mmtrain.health import Diverged, LossMonitor, PreemptionFlag, StepFlags
     from mmtrain.model import FusionTransformer, ModelConfig
     from mmtrain.train import train_step
-    import torch.distributed as dist
 
     cfg = EngineConfig(zero_stage=2, lr=1e-2, warmup_steps=0)
     ds.init_distributed(cfg)
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
 
     nan_at = set(int(x) for x in sys.argv[2].split(","))
     weight = engine.module.tok_embeddings.weight
-    flags = StepFlags(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX), 0.0, 0)
+    flags = StepFlags(Collectives(torch.device("cpu")), 0.0)
     monitor = LossMonitor(max_consecutive=3, spike_z=0)
     loader = Batches()
     for step in range(1, 9):

@@ -31,15 +31,40 @@ class Batch:
     doc_keys: list = dataclasses.field(default_factory=list)  # (stream, key) of documents started
 
     def to(self, device: torch.device | str) -> "Batch":
+        """The batch on `device`. Host-to-GPU copies start from page-locked memory (pinned here
+        unless the loader already pinned it), so `non_blocking` really overlaps them with compute;
+        from pageable memory the copy would be synchronous. A no-op pass on CPU."""
+        device = torch.device(device)
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
+                if needs_pinning(value, device):
+                    value = value.pin_memory()
                 moved[name] = value.to(device, non_blocking=True)
         return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked host memory (torch's DataLoader calls this in its pinning
+        thread when built with pin_memory=True)."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                        for k, v in moved.items()})
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
+
+
+def attention_pairs(doc_lens: list[int]) -> int:
+    """Query-key pairs causal document-masked attention computes: Σ n(n+1)/2 over the documents
+    (padding runs included: the kernel processes them like documents). The standard MFU formula
+    counts T² per row of T tokens instead (full context, no causal half)."""
+    return sum(n * (n + 1) // 2 for n in doc_lens)
+
+
+def needs_pinning(tensor: torch.Tensor, device: torch.device) -> bool:
+    """A host tensor bound for a CUDA device, not yet page-locked."""
+    return device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned()
 
 
 def collate_rows(rows: list[Row], spec: MediaSpec, *, image_token: int, audio_token: int) -> Batch:
@@ -73,6 +98,7 @@ def collate_rows(rows: list[Row], spec: MediaSpec, *, image_token: int, audio_to
         "real_tokens": real,
         "images": len(images["image"][0]),
         "audio_clips": len(images["audio"][0]),
+        "attention_pairs": attention_pairs(doc_lens),
     }
     counts["text_tokens"] = real - counts["image_tokens"] - counts["audio_tokens"]
     return Batch(
@@ -118,4 +144,4 @@ def text_batch(tokens: torch.Tensor, doc_lens: list[list[int]], spec: MediaSpec 
                  caption_mask=torch.zeros(B, T, dtype=torch.bool),
                  counts={"rows": B, "docs": len(flat), "text_tokens": B * T, "image_tokens": 0,
                          "audio_tokens": 0, "pad_tokens": 0, "real_tokens": B * T,
-                         "images": 0, "audio_clips": 0})
+                         "images": 0, "audio_clips": 0, "attention_pairs": attention_pairs(flat)})

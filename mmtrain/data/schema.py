@@ -144,6 +144,9 @@ def _parse_segments(key: str, members: dict[str, bytes]) -> Document:
                     and m not in {s.member for s in segments if s.type != "text"})
     if unused:
         raise SampleError(f"sample {key}: media members {unused} are not in KEY.json's segments")
+    if "txt" in members:
+        raise SampleError(f"sample {key}: a KEY.txt next to a KEY.json segment list (which text "
+                          "is the sample's?)")
     return Document(key=key, segments=segments, source=str(meta.get("source", "")))
 
 

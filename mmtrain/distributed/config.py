@@ -18,10 +18,17 @@ class EngineConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (derived when global_batch_tokens > 0)
+    # >0: tokens per optimizer step over all ranks; grad_accum is then derived at start from the
+    # world size, data.micro_batch_size and data.seq_len (it must divide exactly). 0: grad_accum.
+    global_batch_tokens: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
-    overlap_comm: bool = False
+    overlap_comm: bool = False  # ZeRO: overlap gradient reduction with the backward pass
+    # bf16 with ZeRO >= 1: dtype gradients are accumulated over micro-batches and reduced across
+    # ranks in (DeepSpeed data_types.grad_accum_dtype and communication_data_type). fp32 keeps the
+    # bits bf16 rounds away when many micro-batches / ranks are summed; bf16 halves the traffic.
+    grad_dtype: str = "fp32"
     bucket_size: int = 50_000_000
     # ZeRO-3: parameters with at most this many elements are kept whole on every rank (not
     # partitioned); DeepSpeed's default. 0 partitions everything (what the CPU tests use).
@@ -46,6 +53,17 @@ class EngineConfig:
         require(0 < self.eps < 1, "eps", "must be in (0, 1)")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        require(self.global_batch_tokens >= 0, "global_batch_tokens", "must be >= 0")
+        require(self.global_batch_tokens == 0 or self.grad_accum == 1, "grad_accum",
+                f"and engine.global_batch_tokens={self.global_batch_tokens} are both set: the "
+                "global batch in tokens derives grad_accum; set one of them")
+        require(self.grad_dtype in ("fp32", "bf16"), "grad_dtype", "must be fp32 or bf16")
+        require(self.grad_dtype == "fp32" or self.precision == "bf16", "grad_dtype",
+                f"applies to engine.precision=bf16 only (precision is {self.precision!r})")
+        require(not (self.precision == "bf16" and self.zero_stage == 0 and self.grad_dtype == "fp32"),
+                "grad_dtype", "with engine.precision=bf16 needs engine.zero_stage >= 1 (DeepSpeed "
+                "accumulates bf16 gradients in fp32 only under ZeRO); set engine.grad_dtype=bf16 "
+                "for ZeRO-0")
         require(not self.offload_params or self.zero_stage == 3, "offload_params",
                 "needs engine.zero_stage=3")
         require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
@@ -54,3 +72,26 @@ class EngineConfig:
         require(self.bucket_size > 0, "bucket_size", "must be > 0")
         require(self.zero3_persistence_threshold >= 0, "zero3_persistence_threshold", "must be >= 0")
         require(self.timeout_minutes > 0, "timeout_minutes", "must be > 0")
+
+    def grad_accum_for(self, *, world_size: int, micro_batch_size: int, seq_len: int) -> int:
+        """Micro-batches per optimizer step on `world_size` ranks: engine.grad_accum, or derived
+        from engine.global_batch_tokens (a clear error when it does not divide exactly)."""
+        if not self.global_batch_tokens:
+            return self.grad_accum
+        per_micro_step = world_size * micro_batch_size * seq_len
+        accum, rest = divmod(self.global_batch_tokens, per_micro_step)
+        if rest or not accum:
+            near = sorted({max(1, accum) * per_micro_step, (accum + 1) * per_micro_step})
+            raise ValueError(
+                f"engine.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                f"{world_size} ranks × data.micro_batch_size={micro_batch_size} × "
+                f"data.seq_len={seq_len} = {per_micro_step} tokens per micro-step; use e.g. "
+                + " or ".join(map(str, near)))
+        return accum
+
+    def resolved(self, *, world_size: int, micro_batch_size: int, seq_len: int) -> "EngineConfig":
+        """The config DeepSpeed is built from: grad_accum derived for this world size
+        (global_batch_tokens is then 0: nothing is left to derive)."""
+        accum = self.grad_accum_for(world_size=world_size, micro_batch_size=micro_batch_size,
+                                    seq_len=seq_len)
+        return dataclasses.replace(self, grad_accum=accum, global_batch_tokens=0)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,12 +27,15 @@ log = logging.getLogger("mmtrain.engine")
 DS_CONFIG_FILE = "ds_config.json"
 
 
-def init_distributed(cfg: EngineConfig) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun set up; returns (rank, world_size, device)."""
+def init_distributed(cfg: EngineConfig, *, device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up; returns (rank, world_size, device).
+
+    `device` is launch.device (auto | cpu | cuda). Every collective outside DeepSpeed must run on
+    the returned device (mmtrain.distributed.collectives.Collectives).
+    """
     import deepspeed
 
-    use_cuda = torch.cuda.is_available() and cfg.backend != "gloo"
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    backend, use_cuda = resolve_backend(cfg, device)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -42,8 +46,35 @@ def init_distributed(cfg: EngineConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def resolve_backend(cfg: EngineConfig, device: str = "auto") -> tuple[str, bool]:
+    """(torch.distributed backend, use CUDA) for launch.device and engine.backend.
+
+    A run asked to use a GPU stops here with the reason instead of falling back to gloo on CPU.
+    """
+    has_cuda = torch.cuda.is_available()
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"launch.device={device!r} must be one of auto, cpu, cuda")
+    if device == "cuda" and not has_cuda:
+        why = (f"this torch build ({torch.__version__}) has no CUDA" if torch.version.cuda is None
+               else "no GPU is visible (CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+        raise ValueError(f"launch.device='cuda' but {why} on {platform.node()}; set "
+                         "launch.device=cpu (or auto) to train on CPU")
+    if cfg.backend == "nccl" and (not has_cuda or device == "cpu"):
+        raise ValueError("engine.backend='nccl' serves only CUDA tensors: it needs a GPU and "
+                         "launch.device cuda or auto; use engine.backend=gloo (or auto) on CPU")
+    if cfg.backend == "gloo" and device == "cuda":
+        raise ValueError("engine.backend='gloo' trains on CPU but launch.device='cuda'; use "
+                         "engine.backend=nccl (or auto) for GPUs")
+    use_cuda = device == "cuda" or (device == "auto" and has_cuda and cfg.backend != "gloo")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    return backend, use_cuda
+
+
 def ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config, generated from the typed config."""
+    """The DeepSpeed config, generated from the typed config (grad_accum as given: pass
+    `cfg.resolved(...)` when engine.global_batch_tokens is set)."""
+    assert not cfg.global_batch_tokens, "resolve engine.global_batch_tokens first (cfg.resolved)"
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
         zero.update(overlap_comm=cfg.overlap_comm, reduce_bucket_size=cfg.bucket_size,
@@ -67,6 +98,11 @@ def ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int) -> d
     }
     if cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if cfg.zero_stage >= 1 and cfg.grad_dtype == "fp32":
+            # Accumulate over micro-batches and reduce across ranks in fp32; DeepSpeed's default
+            # for both is the parameters' dtype (bf16).
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+            config["communication_data_type"] = "fp32"
     elif cfg.precision == "fp16":
         # loss_scale 0: dynamic loss scaling, starting at 2**16, halved on overflow (the step is
         # skipped), doubled after loss_scale_window clean steps.

@@ -98,10 +98,22 @@ class ModelConfig:
         backward, 12·L·d·T for attention scores and values at context T. With packed documents the
         real attention cost is lower; we keep the standard formula so MFU compares across systems.
         """
+        return 6 * self._matmul_params() + 12 * self.n_layers * self.dim * seq_len
+
+    def flops_executed(self, *, positions: int, attention_pairs: int) -> float:
+        """Training FLOPs a batch executes (the `mfu_executed` metric): 6·N per position the
+        model runs on (padding included) + 12·L·d per causal query-key pair inside a document
+        (`Batch.counts["attention_pairs"]` = Σ n(n+1)/2 over cu_seqlens). The constants are those
+        of `flops_per_token`: a row of T tokens counted with T² pairs gives T·flops_per_token(T).
+        Activation checkpointing's recomputed forward is not counted (model FLOPs, as in MFU).
+        """
+        return 6 * self._matmul_params() * positions + 12 * self.n_layers * self.dim * attention_pairs
+
+    def _matmul_params(self) -> int:
         n = self.num_params(exclude_embedding=True)
         if self.tie_embeddings:  # the tied embedding still does the output projection's matmul
             n += self.vocab_size * self.dim
-        return 6 * n + 12 * self.n_layers * self.dim * seq_len
+        return n
 
 
 def _tiny() -> ModelConfig:

@@ -243,6 +243,10 @@ def test_manifest_counts_pairs_in_the_standard_layout(tmp_path, fx, capsys):
     ({"png": b"x", "jpg": b"y", "txt": b"t"}, "without a KEY.json segment list"),
     ({"0.png": b"x", "txt": b"t"}, "without a KEY.json segment list"),
     ({"png": b"x", "PNG": b"y"}, "differ only in case"),
+    ({"json": b'{"schema": 1, "segments": [{"type": "text", "text": "a"}]}', "0.png": b"x"},
+     r"\['0.png'\] are not in KEY.json's segments"),
+    ({"json": b'{"schema": 1, "segments": [{"type": "text", "text": "a"}]}', "txt": b"b"},
+     "a KEY.txt next to a KEY.json segment list"),
 ])
 def test_parser_refuses_media_it_would_not_use(members, problem):
     from mmtrain.data.schema import SampleError, parse_sample
