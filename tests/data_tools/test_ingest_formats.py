@@ -53,6 +53,22 @@ def test_csv_rfc4180_and_tsv_text_round_trip_exactly(tmp_path, fx, capsys):
     assert [s["txt"] for s in wds_samples(tmp_path / "raw")] == [b'"Hi," he said.', b"plain"]
 
 
+def test_common_voice_tsv_with_mp3_clips(tmp_path, fx, capsys):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips/cv_1.mp3").write_bytes(encoded_audio("MP3", "MPEG_LAYER_III", 48000))
+    (tmp_path / "train.tsv").write_text(
+        "client_id\tpath\tsentence\tup_votes\n"
+        'abc\tcv_1.mp3\t"Hello," she said.\t2\n')
+    rc, out, _ = fx.run(capsys, "build", "audio-text", tmp_path / "train.tsv", "-o",
+                        tmp_path / "out", "--media-root", tmp_path / "clips", "--audio-mono",
+                        "--audio-sample-rate", "16000")
+    assert rc == 0 and "1 samples" in out, out
+    [clip] = wds_samples(tmp_path / "out")
+    assert clip["txt"] == b'"Hello," she said.'
+    assert soundfile.info(io.BytesIO(clip["flac"])).samplerate == 16000  # resampled: lossless
+    assert json.loads(clip["json"]) == {"client_id": "abc", "up_votes": "2"}
+
+
 def test_unclosed_csv_quote_is_reported_not_swallowed(tmp_path, fx, capsys):
     (tmp_path / "a.png").write_bytes(fx.image_bytes(0))
     (tmp_path / "bad.csv").write_text('image,caption\na.png,first\na.png,"never closed\n'
