@@ -90,7 +90,8 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         import fsspec
 
-        fs = fsspec.filesystem(protocol)
+        # No listings cache: other processes (the ranks, a build being resumed) change the store.
+        fs = fsspec.filesystem(protocol, use_listings_cache=False)
     except ImportError as e:
         raise ValueError(f"{url}: reading {scheme}:// needs an optional dependency that is not "
                          f"installed ({e}); run: {INSTALL[extra]}") from None

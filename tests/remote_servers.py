@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import logging
 import os
 import re
 import threading
@@ -22,6 +23,7 @@ def s3_server() -> Iterator[dict[str, str]]:
     also set in os.environ while it runs (for in-process fsspec)."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
