@@ -74,7 +74,8 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                                       world_size=world, total_steps=cfg.train.steps,
                                       run_dir=run_dir)
     loader = ShardLoader(cfg.data, spec=spec, tokenizer=tokenizer, rank=rank, world_size=world,
-                         quarantine=run_dir / "quarantine" / f"rank_{rank}.jsonl")
+                         quarantine=run_dir / "quarantine" / f"rank_{rank}.jsonl",
+                         pin_memory=device.type == "cuda")
     checkpointer = Checkpointer(run_dir / "checkpoints", rank=rank, world_size=world,
                                 keep_last=cfg.train.keep_last, barrier=coll.barrier)
     metrics = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps)

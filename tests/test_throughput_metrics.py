@@ -100,3 +100,24 @@ def test_preflight_prints_the_tokens_per_global_batch(capsys, demo_corpus, tmp_p
     assert launch_main([*args, "--set", "engine.global_batch_tokens=3000"]) == 2
     captured = capsys.readouterr()
     assert "engine.global_batch_tokens=3000 is not a multiple of 2 ranks" in captured.out + captured.err
+
+
+def test_the_loader_pins_batches_bound_for_a_gpu(monkeypatch, demo_corpus):
+    from torch.utils.data._utils.pin_memory import pin_memory as torch_pin
+
+    from mmtrain.data.loader import LoaderItem, ShardLoader
+    from mmtrain.data.tokenizer import build_tokenizer
+
+    batch = text_batch(torch.zeros(2, 8, dtype=torch.int64), [[3, 5], [8]])
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    item = torch_pin(LoaderItem(batch, {0: {"epoch": 1}}, []))  # what the pinning thread runs
+    assert isinstance(item, LoaderItem) and item.states == {0: {"epoch": 1}}
+    assert len(pinned) == sum(isinstance(v, torch.Tensor) for v in batch.__dict__.values())
+    cfg = load_config(None, [f"data.train={demo_corpus / 'train'}", "data.num_streams=2",
+                             "data.num_workers=0"])
+    tok = build_tokenizer(cfg.data.tokenizer)
+    for pin in (False, True):
+        loader = ShardLoader(cfg.data, spec=cfg.model.media(), tokenizer=tok, rank=0, world_size=1,
+                             pin_memory=pin)
+        assert loader._dataloader().pin_memory is pin

@@ -356,6 +356,9 @@ class LoaderItem:
     states: dict[int, dict[str, Any]]  # stream → StreamState after this batch
     skips: list[dict[str, Any]]
 
+    def pin_memory(self) -> "LoaderItem":  # called by the DataLoader's pinning thread
+        return dataclasses.replace(self, batch=self.batch.pin_memory())
+
 
 def consumer_items(plan: StreamPlan, cfg: DataConfig, spec: MediaSpec, tokenizer: Tokenizer,
                    states: dict[int, StreamState], consumer: int,
@@ -411,8 +414,11 @@ class ShardLoader:
     """
 
     def __init__(self, cfg: DataConfig, *, spec: MediaSpec, tokenizer: Tokenizer, rank: int,
-                 world_size: int, quarantine: Path | None = None) -> None:
+                 world_size: int, quarantine: Path | None = None, pin_memory: bool = False) -> None:
         self.cfg, self.spec, self.tok = cfg, spec, tokenizer
+        # pin_memory (batches bound for a GPU): the DataLoader's thread copies each batch into
+        # page-locked memory while the step runs, so the host-to-device copy is asynchronous.
+        self.pin_memory = pin_memory
         self.rank, self.world_size = rank, world_size
         self.plan = StreamPlan(cfg)
         workers = max(1, cfg.num_workers)
@@ -462,7 +468,7 @@ class ShardLoader:
         return torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
             prefetch_factor=4 if workers else None, persistent_workers=False,
-            multiprocessing_context="spawn" if workers else None)
+            multiprocessing_context="spawn" if workers else None, pin_memory=self.pin_memory)
 
     def _record_skips(self, skips: list[dict[str, Any]]) -> None:
         self.skipped += sum(s["key"] != "*" for s in skips)
