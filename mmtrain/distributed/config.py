@@ -56,7 +56,8 @@ class EngineConfig:
         require(self.global_batch_tokens >= 0, "global_batch_tokens", "must be >= 0")
         require(self.global_batch_tokens == 0 or self.grad_accum == 1, "grad_accum",
                 f"and engine.global_batch_tokens={self.global_batch_tokens} are both set: the "
-                "global batch in tokens derives grad_accum; set one of them")
+                "global batch in tokens derives grad_accum; set one of them "
+                "(engine.global_batch_tokens=0 uses engine.grad_accum)")
         require(self.grad_dtype in ("fp32", "bf16"), "grad_dtype", "must be fp32 or bf16")
         require(self.grad_dtype == "fp32" or self.precision == "bf16", "grad_dtype",
                 f"applies to engine.precision=bf16 only (precision is {self.precision!r})")
