@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# One-call GPU benchmark of mmtrain's kernels and training step; results in DIR.
+# One-call GPU benchmark of mmtrain's kernels and training; results in DIR.
 #
-#   benchmarks/gpu.sh DIR              # one GPU (torch + Triton only), < 7 minutes on an H200
-#   benchmarks/gpu.sh --dry-run DIR    # CPU, Triton interpreter, tiny sizes (~1 minute)
+#   benchmarks/gpu.sh DIR                  # one GPU, < 10 minutes on an H200 (planned; see docs)
+#   benchmarks/gpu.sh --dry-run DIR        # CPU, Triton interpreter, toy sizes, same code
+#   benchmarks/gpu.sh DIR --stages a,b     # a subset: env correctness attention doc_attention
+#                                          # dispatch rmsnorm cross_entropy train e2e
 #
 # Each stage writes DIR/<stage>.json when it finishes; DIR/summary.md is written and printed last.
+# Exit status 1 when a stage failed (an error, or outputs outside the stated tolerance), 2 when
+# something the chosen stages need is missing (checked before any stage starts).
+# If REPO/.whl/ exists, its wheels are installed first with `pip install --no-index --no-deps`
+# (the GPU machine has no network; docs/benchmarks.md says how to fill it).
 # PYTHON selects the interpreter (default python3). See docs/benchmarks.md.
 set -euo pipefail
 
@@ -20,6 +26,20 @@ out_dir=$1
 shift
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+
+shopt -s nullglob
+wheels=("${repo_root}"/.whl/*.whl)
+shopt -u nullglob
+if [[ ${#wheels[@]} -gt 0 ]]; then
+    echo "[gpu.sh] installing ${#wheels[@]} wheels from ${repo_root}/.whl (no index)" >&2
+    if ! "$python" -m pip install --quiet --no-index --no-deps "${wheels[@]}" \
+        && ! "$python" -m pip install --quiet --user --no-index --no-deps "${wheels[@]}"; then
+        echo "[gpu.sh] pip could not install the wheels in ${repo_root}/.whl (see its message above)" >&2
+        exit 2
+    fi
+fi
+
 # mmtrain is imported from the checkout, without installing it.
 export PYTHONPATH="${repo_root}${PYTHONPATH:+:${PYTHONPATH}}"
 if [[ ${#dry_run[@]} -gt 0 ]]; then
@@ -28,4 +48,4 @@ if [[ ${#dry_run[@]} -gt 0 ]]; then
 fi
 
 mkdir -p "$out_dir"
-exec "${PYTHON:-python3}" "${repo_root}/benchmarks/gpu_bench.py" "${dry_run[@]}" "$out_dir" "$@"
+exec "$python" "${repo_root}/benchmarks/gpu_bench.py" "${dry_run[@]}" "$out_dir" "$@"

@@ -124,7 +124,7 @@ def attention(
     max_seqlen = _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
     backend = _resolve("attention", q.device)
     if backend == "triton" and _backend == "auto":  # CUDA: the per-case choice
-        case = _attention_case(q, k, cu_seqlens, causal, max_seqlen)
+        case = attention_case(q, k, cu_seqlens, causal, max_seqlen)
         backend = _attention_tuner().pick(case, q, k, v, cu_seqlens, causal, max_seqlen)
     return _ATTENTION_IMPLS[backend](q, k, v, cu_seqlens, causal, max_seqlen)
 
@@ -155,7 +155,7 @@ _tuner: AttentionAutotuner | None = None
 _device_names: dict[torch.device, str] = {}
 
 
-def _attention_case(q, k, cu_seqlens, causal, max_seqlen) -> AttentionCase:
+def attention_case(q, k, cu_seqlens, causal, max_seqlen) -> AttentionCase:
     if q.device not in _device_names:
         _device_names[q.device] = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
     return AttentionCase(device=_device_names[q.device], dtype=str(q.dtype).removeprefix("torch."),
@@ -164,17 +164,24 @@ def _attention_case(q, k, cu_seqlens, causal, max_seqlen) -> AttentionCase:
                          seq_bucket=seq_bucket(max_seqlen))
 
 
+def attention_autotuner(device_type: str = "cuda", timer=None) -> AttentionAutotuner:
+    """A fresh chooser with the candidates that exist for this device type (what "auto" uses on
+    CUDA; the GPU benchmark builds one to show the decisions, its dry run one for CPU)."""
+    candidates = {name: _ATTENTION_IMPLS[name] for name in ("triton", "sdpa_flash", "sdpa_cudnn")}
+    why_not = varlen_unavailable(device_type)
+    if why_not is None:
+        candidates["varlen_attn"] = varlen_attention
+    else:
+        logger.info("attention candidate varlen_attn skipped: %s", why_not)
+    dense_only = lambda case: not case.packed  # noqa: E731
+    return AttentionAutotuner(candidates, reference=reference.attention, timer=timer,
+                              applies={"sdpa_flash": dense_only, "sdpa_cudnn": dense_only})
+
+
 def _attention_tuner() -> AttentionAutotuner:
     global _tuner
     if _tuner is None:
-        candidates = {name: _ATTENTION_IMPLS[name] for name in ("triton", "sdpa_flash", "sdpa_cudnn")}
-        if varlen_unavailable("cuda") is None:
-            candidates["varlen_attn"] = varlen_attention
-        else:
-            logger.info("attention candidate varlen_attn skipped: %s", varlen_unavailable("cuda"))
-        dense_only = lambda case: not case.packed  # noqa: E731
-        _tuner = AttentionAutotuner(candidates, reference=reference.attention,
-                                    applies={"sdpa_flash": dense_only, "sdpa_cudnn": dense_only})
+        _tuner = attention_autotuner("cuda")
     return _tuner
 
 
