@@ -192,7 +192,9 @@ class _EndCheckingReader(io.RawIOBase):
     zeros still passes; dataset.json's sample counts catch that for built shards.)"""
 
     def __init__(self, raw: Any, url: str) -> None:
-        self.raw, self.url, self.head, self.tail = raw, url, b"", b""
+        self.raw, self.url = raw, url
+        self.head: bytes | None = None
+        self.prev = self.last = b""  # the last two reads, kept by reference (no copy per read)
 
     def __repr__(self) -> str:  # in webdataset's error messages: no object address
         return self.url or "tar stream"
@@ -202,9 +204,10 @@ class _EndCheckingReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
-        if len(self.head) < 6:
-            self.head += data[:6 - len(self.head)]
-        self.tail = (self.tail + data[-2 * tarfile.BLOCKSIZE:])[-2 * tarfile.BLOCKSIZE:]
+        if self.head is None:
+            self.head = data[:6]
+        if data:
+            self.prev, self.last = self.last, data
         return data
 
     def readinto(self, b: Any) -> int:
@@ -215,8 +218,9 @@ class _EndCheckingReader(io.RawIOBase):
     def check_end(self) -> None:
         while self.read(1 << 20):  # tarfile stops at the first end block: read the rest
             pass
-        compressed = self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
-        if self.head and not compressed and self.tail != bytes(2 * tarfile.BLOCKSIZE):
+        compressed = (self.head or b"").startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+        tail = (self.prev + self.last)[-2 * tarfile.BLOCKSIZE:]
+        if self.head and not compressed and tail != bytes(2 * tarfile.BLOCKSIZE):
             raise tarfile.ReadError("tar ends without its end-of-archive blocks: truncated")
 
 
