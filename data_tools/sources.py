@@ -132,6 +132,9 @@ def _csv_rows(path: str, delimiter: str, header: tuple[str, ...] = ()
     with io.TextIOWrapper(storage.open_read(path), newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
         reader = csv.reader(f, delimiter=delimiter, strict=True, **quoting)
         names = list(header) or next(reader, [])
+        if not header and any(n.startswith(("http://", "https://")) for n in names):
+            raise ValueError(f"{path}: the first line holds a URL, so the file has no header "
+                             "line; name its columns with --header (raw CC3M: caption,url)")
         if len(set(names)) != len(names):
             raise ValueError(f"{path}: the header names a column twice: {names}")
         while True:

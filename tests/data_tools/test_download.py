@@ -116,6 +116,15 @@ def test_raw_cc3m_tsv_builds_with_download(tmp_path, media_server, fx, capsys):
     assert "only http(s) URLs are fetched" in reasons[4]
 
 
+def test_a_headerless_tsv_without_header_says_what_to_pass(tmp_path, fx, capsys):
+    (tmp_path / "cc3m.tsv").write_text("a caption\thttp://127.0.0.1:9/x.jpg\n")
+    rc, out, _ = fx.run(capsys, "build", "image-text", tmp_path / "cc3m.tsv", "-o",
+                        tmp_path / "out", "--download")
+    assert rc == 0 and "bad_source 1" in out
+    [rej] = fx.read_jsonl(tmp_path / "out/rejected.jsonl")
+    assert "--header" in rej["reason"] and "cc3m.tsv" in rej["reason"]
+
+
 def test_obelics_style_image_urls_and_mmc4_raw_urls(tmp_path, media_server, fx, capsys):
     base, images, _, _ = media_server
     fx.write_parquet(tmp_path / "obelics.parquet", [
