@@ -126,8 +126,8 @@ def audio_ext(info: Any) -> str:
     return "opus" if info.format == "OGG" and info.subtype == "OPUS" else AUDIO_FORMATS[info.format]
 
 
-def decode_audio(data: bytes, max_seconds: float = 0.0) -> tuple[np.ndarray, int, str]:
-    """Decode audio bytes to ([channels, samples] float32, sample rate, member extension).
+def decode_audio(data: bytes, max_seconds: float = 0.0) -> tuple[np.ndarray, Any]:
+    """Decode audio bytes to ([channels, samples] float32, its soundfile.info()).
 
     With `max_seconds`, only the frames of the first `max_seconds` are read (and checked).
     """
@@ -148,7 +148,7 @@ def decode_audio(data: bytes, max_seconds: float = 0.0) -> tuple[np.ndarray, int
         raise Rejected("corrupt_audio", f"audio does not decode: {_describe(e)}") from None
     if wave.shape[0] == 0:
         raise Rejected("corrupt_audio", "audio has no samples")
-    return np.ascontiguousarray(wave.T), info.samplerate, audio_ext(info)
+    return np.ascontiguousarray(wave.T), info
 
 
 def _audio_error(data: bytes, e: BaseException) -> Rejected:
@@ -178,9 +178,9 @@ def prepare_audio(data: bytes, opts: MediaOptions) -> tuple[bytes, str]:
 
     --audio-max-seconds crops before anything else: only the needed frames are decoded.
     """
-    wave, rate, ext = decode_audio(data, opts.audio_max_seconds)
-    changed = opts.audio_max_seconds > 0 and \
-        wave.shape[1] < soundfile.info(io.BytesIO(data)).frames
+    wave, info = decode_audio(data, opts.audio_max_seconds)
+    rate, ext = info.samplerate, audio_ext(info)
+    changed = opts.audio_max_seconds > 0 and wave.shape[1] < info.frames  # cropped
     if opts.audio_mono and wave.shape[0] > 1:
         wave, changed = wave.mean(axis=0, keepdims=True), True
     if opts.audio_sample_rate and rate != opts.audio_sample_rate:
