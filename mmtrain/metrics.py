@@ -23,10 +23,12 @@ class MetricsLogger:
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
 
     def log(self, step: int, values: dict[str, float], *, prefix: str = "train") -> None:
+        """`values` go to TensorBoard as `prefix/name`; a name with a `/` (`data/share/laion`) is
+        already a full tag and is logged as it is, under the same name as in metrics.jsonl."""
         if not self.enabled:
             return
         for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+            self.writer.add_scalar(name if "/" in name else f"{prefix}/{name}", value, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(),
                                      **values}) + "\n")
         self.jsonl.flush()
@@ -52,6 +54,13 @@ class MetricsLogger:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def share_metrics(names: list[str], rows: list[float]) -> dict[str, float]:
+    """`data/share/<name>`: each dataset's share of the rows trained so far. `rows` are the run's
+    totals per dataset (summed over ranks: ShardLoader.dataset_rows on every rank)."""
+    total = sum(rows)
+    return {f"data/share/{name}": (n / total if total else 0.0) for name, n in zip(names, rows)}
 
 
 def _hms(seconds: float) -> str:

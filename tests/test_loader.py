@@ -124,3 +124,33 @@ def test_every_rank_gets_batches_past_the_epoch_end(demo_corpus):
         for ld in ranks:
             ld.next_batch()
     assert all(ld.epochs() >= 1 for ld in ranks)
+
+
+CLOSE_SCRIPT = """
+import sys
+from mmtrain.data.config import DataConfig
+from mmtrain.data.loader import ShardLoader
+from mmtrain.data.tokenizer import ByteTokenizer
+from mmtrain.model import ModelConfig
+cfg = DataConfig(train=sys.argv[1], num_workers=2, num_streams=4, seq_len=256, micro_batch_size=2)
+loader = ShardLoader(cfg, spec=ModelConfig().media(), tokenizer=ByteTokenizer(), rank=0,
+                     world_size=1)
+loader.next_batch()
+loader.close()
+loader.close()  # idempotent
+print("closed")
+"""
+
+
+def test_close_shuts_decode_workers_down_silently(demo_corpus):
+    """A loader with 2 decode workers, one batch taken, closed, process exits: no abort noise."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    proc = subprocess.run([sys.executable, "-c", CLOSE_SCRIPT, str(demo_corpus / "train")],
+                          capture_output=True, text=True, timeout=300, env=cli_env())
+    assert proc.returncode == 0 and "closed" in proc.stdout, proc.stderr[-2000:]
+    for noise in ("terminate called", "killed by signal", "Aborted", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
