@@ -24,7 +24,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def media_server(fx):
-    """http://127.0.0.1:PORT serving /img/N.png, /missing (404), /slow (3 s), /big (with and
+    """http://127.0.0.1:PORT serving /img/N.png, /missing (404), /slow (5 s), /big (with and
     without Content-Length), /flaky (503 once, then the image); counts requests per path."""
     images = {f"/img/{i}.png": fx.image_bytes(i) for i in range(8)}
     hits: collections.Counter = collections.Counter()
@@ -51,7 +51,7 @@ def media_server(fx):
             if self.path in images:
                 return self.send(200, images[self.path])
             if self.path == "/slow":
-                time.sleep(3)
+                time.sleep(5)
                 return self.send(200, images["/img/0.png"])
             if self.path == "/big":
                 return self.send(200, b"\x89PNG" + bytes(100_000))
@@ -86,7 +86,7 @@ def samples(out) -> list[dict]:
     return list(wds.WebDataset(urls, shardshuffle=False))
 
 
-FAST = ("--download", "--download-timeout", "0.5", "--download-retries", "1",
+FAST = ("--download", "--download-timeout", "1", "--download-retries", "1",
         "--download-max-bytes", "20K", "--download-workers", "8")
 
 
