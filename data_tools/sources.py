@@ -5,7 +5,8 @@ row by row; a row's position in that sequence is its identity for shard planning
 `source_row` ("PATH:ROW" for tables, "PATH:KEY" for tars) is what the manifest and rejected.jsonl
 name. Reading never decodes media: that happens in the worker processes (see `samples.py`).
 
-Tables: parquet, CSV (RFC 4180), TSV (no quoting: CC3M, Common Voice) and JSONL. Tars: the img2dataset layout (or any WebDataset tar).
+Tables: parquet, CSV (RFC 4180), TSV (no quoting: CC3M, Common Voice) and JSONL. Tars: the
+img2dataset layout (or any WebDataset tar).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def _csv_rows(path: str, delimiter: str, header: tuple[str, ...] = ()
             if not values:
                 continue  # blank lines are not rows
             if len(values) != len(names):
-                lines = f"lines {line}-{reader.line_num}" if reader.line_num > line else f"line {line}"
+                lines = f"lines {line}-{reader.line_num}" if reader.line_num > line \
+                    else f"line {line}"
                 yield {}, ("bad_row", f"{path}: {lines}: row has {len(values)} fields, header has "
                                       f"{len(names)}")
             else:

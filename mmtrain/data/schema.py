@@ -81,7 +81,7 @@ def _text(data: bytes, what: str) -> str:
 
 
 def parse_sample(key: str, members: dict[str, bytes]) -> Document:
-    """Turn a sample's members (suffix → bytes, e.g. {"json": ..., "0.png": ...}) into a Document."""
+    """A sample's members (suffix → bytes, e.g. {"json": ..., "0.png": ...}) → a Document."""
     check_name(key)
     lowered = {suffix.lower(): data for suffix, data in members.items()}
     if len(lowered) != len(members):

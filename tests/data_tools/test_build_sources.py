@@ -47,7 +47,8 @@ def test_image_text_parquet_read_by_webdataset_and_tar(tmp_path, fx, capsys):
                        "000000001.json", "000000001.png", "000000001.txt"]
 
     # open_clip's reading of image-text shards
-    urls = [str(tmp_path / "out" / s["name"]) for s in read_dataset_index(tmp_path / "out")["shards"]]
+    urls = [str(tmp_path / "out" / s["name"])
+            for s in read_dataset_index(tmp_path / "out")["shards"]]
     pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png", "txt"))
     assert len(pairs) == 5 and pairs[3][0].size == (24, 16) and pairs[3][1] == "picture number 3"
 
