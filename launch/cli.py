@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("nodes and ranks (torchrun)")
     g.add_argument("--nproc-per-node", type=int, help="ranks per node (default: launch.nproc; "
                    "with --slurm: --gpus-per-node)")
-    g.add_argument("--nnodes", type=int, help="number of nodes (default 1; --slurm in an "
-                   "allocation: its node count)")
+    g.add_argument("--nnodes", metavar="N|MIN:MAX", help="number of nodes (default 1; --slurm in "
+                   "an allocation: its node count); MIN:MAX is elastic (c10d): after a node fails "
+                   "the job restarts on the nodes that are left, down to MIN")
     g.add_argument("--node-rank", type=int, help="this node's rank, 0 … nnodes-1 (node 0 hosts "
                    "the rendezvous); needed with --nnodes > 1")
     g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous on node 0 "
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-task", type=int, metavar="C")
     g.add_argument("--job-name", help="default: train.name")
     g = p.add_argument_group("restarts")
-    g.add_argument("--max-restarts", type=int, default=0, metavar="R", help="restart the job up to "
-                   "R times when a rank dies; it resumes from the newest committed checkpoint")
+    g.add_argument("--max-restarts", type=int, metavar="R", help="restart the job up to R times "
+                   "when a rank dies; it resumes from the newest committed checkpoint (default: "
+                   "3 on several nodes, 0 on one)")
     g.add_argument("--monitor-interval", type=float, default=1.0, metavar="S",
                    help="how often torchrun checks its ranks (default 1 s)")
     g.add_argument("--shutdown-timeout", type=int, default=60, metavar="S", help="seconds the "

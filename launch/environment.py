@@ -36,12 +36,13 @@ def carried(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def rank_settings(*, device: str, threads_per_rank: int, nproc_per_node: int | None,
-                  environ: dict[str, str] | None = None) -> dict[str, str]:
+                  log_dir: str, environ: dict[str, str] | None = None) -> dict[str, str]:
     """Variables we set for the ranks (on top of the carried ones).
 
     OMP_NUM_THREADS: launch.threads_per_rank when set; else an OMP_NUM_THREADS the user exported
     (left alone); else this node's cores split over its ranks. `nproc_per_node=None` leaves the
-    split to the place that knows the node's cores (the SLURM script).
+    split to the place that knows the node's cores (the SLURM script). GPU ranks also get the NCCL
+    flight recorder (`flight_recorder`), unless the user set those variables.
     """
     environ = dict(os.environ if environ is None else environ)
     env = {"PYTHONUNBUFFERED": "1"}
@@ -55,7 +56,21 @@ def rank_settings(*, device: str, threads_per_rank: int, nproc_per_node: int | N
         # A rank whose peer died must fail its collective (and so be restarted by torchrun)
         # instead of hanging: NCCL errors and engine.timeout_minutes then abort the process.
         env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    if device != "cpu":
+        env.update(flight_recorder(log_dir, environ))
     return env
+
+
+def flight_recorder(log_dir: str, environ: dict[str, str]) -> dict[str, str]:
+    """NCCL's flight recorder: the last collectives of every rank, dumped to
+    LOG_DIR/nccl_trace_rank_<rank> when a collective times out (what each rank was waiting for).
+    Each setting the user made (under either of torch's names) is left alone."""
+    wanted = {("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"): "2000",
+              ("TORCH_NCCL_DUMP_ON_TIMEOUT",): "1",
+              ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"):
+                  os.path.join(log_dir, "nccl_trace_rank_")}
+    return {names[0]: value for names, value in wanted.items()
+            if not any(name in environ for name in names)}
 
 
 def parse_env_assignments(items: list[str]) -> dict[str, str]:

@@ -19,8 +19,12 @@ from launch.local import device_kind, free_port
 from launch.safety import check_host, check_plain, check_port, parse_endpoint, shell_line
 from launch.torchrun import Rendezvous, torchrun_argv
 from mmtrain.config import RunConfig
+from mmtrain.requeue import REQUEUE_MARKER
 
 DEFAULT_PORT = 29500
+# --max-restarts when not given: a multi-node job survives a few node or rank failures by itself;
+# on one node a failure is most often a bug that a restart would only repeat (and hide).
+MULTI_NODE_RESTARTS = 3
 # torchrun's agents share their rendezvous TCPStore with the ranks by default, and in this torch
 # it keeps the previous attempt's keys: after a restart a rank can read a dead peer's address and
 # fail in gloo/NCCL connect ("Connection refused"; pytorch/pytorch#167288). This documented
@@ -35,7 +39,7 @@ class LaunchPlan:
     cwd: Path
     run_dir: Path  # absolute
     python: str
-    nnodes: int
+    nnodes: int  # with --nnodes MIN:MAX: MAX
     node_rank: int
     nproc_per_node: int
     world: int
@@ -47,6 +51,7 @@ class LaunchPlan:
     env_set: dict[str, str]  # what we set for the ranks (+ --env)
     env_carried: dict[str, str]  # what we carry from this shell (hostfile, SLURM)
     fresh: bool = False  # set the run's checkpoints aside before starting (see launch.cli)
+    min_nodes: int = 0  # --nnodes MIN:MAX: MIN (elastic); 0: exactly nnodes
     rdzv: Rendezvous | None = None
     # hostfile mode
     hostfile: str = ""
@@ -100,10 +105,10 @@ def build_plan(args: argparse.Namespace, cfg: RunConfig, *, environ: dict[str, s
     if args.slurm and args.hostfile:
         raise ValueError("--slurm and --hostfile are two ways to start the nodes: pick one")
     common = dict(cfg=cfg, cwd=cwd, run_dir=run_dir, python=python or sys.executable,
-                  max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
+                  max_restarts=args.max_restarts or 0, monitor_interval=args.monitor_interval,
                   shutdown_timeout=args.shutdown_timeout, rank_args=rank_args, fresh=args.fresh)
     extra_env = environment.parse_env_assignments(args.env)
-    if args.max_restarts < 0:
+    if args.max_restarts is not None and args.max_restarts < 0:
         raise ValueError(f"--max-restarts {args.max_restarts} must be >= 0")
 
     if args.hostfile:
@@ -113,14 +118,35 @@ def build_plan(args: argparse.Namespace, cfg: RunConfig, *, environ: dict[str, s
     else:
         plan = _torchrun_plan(args, cfg, environ, common)
     plan.env_set.update(extra_env)
+    if args.max_restarts is None and plan.nnodes > 1 and not (plan.rdzv and
+                                                               plan.rdzv.backend == "static"):
+        plan.max_restarts = MULTI_NODE_RESTARTS
     return plan
+
+
+def parse_nnodes(text: str | None) -> tuple[int, int]:
+    """`--nnodes N` → (N, N); `--nnodes MIN:MAX` → (MIN, MAX)."""
+    if text is None:
+        return 1, 1
+    low, sep, high = text.partition(":")
+    if not low.isdigit() or (sep and not high.isdigit()):
+        raise ValueError(f"--nnodes {text!r} must be a node count N, or MIN:MAX (e.g. 2:4)")
+    low_n, high_n = int(low), int(high) if sep else int(low)
+    if not 1 <= low_n <= high_n:
+        raise ValueError(f"--nnodes {text}: needs 1 <= MIN <= MAX")
+    return low_n, high_n
 
 
 def _torchrun_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) -> LaunchPlan:
     nproc = args.nproc_per_node or cfg.launch.nproc
-    nnodes, node_rank = args.nnodes or 1, args.node_rank
+    min_nodes, nnodes = parse_nnodes(args.nnodes)
+    node_rank = args.node_rank
     if args.slurm:  # inside an srun task: this node's part, from the SLURM environment
+        if min_nodes != nnodes:
+            raise ValueError("--nnodes MIN:MAX is for --rdzv-endpoint launches; under SLURM the "
+                             "node count is the allocation's")
         nnodes = int(environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES") or 1)
+        min_nodes = nnodes
         node_rank = int(environ["SLURM_NODEID"])
         if int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1) != 1:
             raise ValueError("inside srun, run one `mmtrain launch` per node "
@@ -130,8 +156,11 @@ def _torchrun_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) 
     else:
         endpoint = args.rdzv_endpoint
         if nnodes > 1 and node_rank is None:
-            raise ValueError(f"--nnodes {nnodes}: give each node its --node-rank "
+            raise ValueError(f"--nnodes {args.nnodes}: give each node its --node-rank "
                              f"(0 … {nnodes - 1}); node rank 0 hosts the rendezvous")
+        if min_nodes != nnodes and not endpoint:
+            raise ValueError(f"--nnodes {args.nnodes} (elastic) needs the c10d rendezvous: "
+                             "--rdzv-endpoint HOST:PORT")
     node_rank = node_rank or 0
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ValueError(f"--node-rank {node_rank} must be in 0 … {nnodes - 1} (--nnodes {nnodes})")
@@ -162,12 +191,13 @@ def _torchrun_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) 
         check_host(args.local_addr, "--local-addr")
     device = device_kind(cfg)
     env = environment.rank_settings(device=device, threads_per_rank=cfg.launch.threads_per_rank,
-                                    nproc_per_node=nproc, environ=environ)
+                                    nproc_per_node=nproc, log_dir=str(common["run_dir"] / "logs"),
+                                    environ=environ)
     if rdzv.backend == "c10d":
         env.update(RESTART_ENV)
     return LaunchPlan(mode="torchrun", nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc,
                       world=nnodes * nproc, device=device, rdzv=rdzv, env_set=env,
-                      env_carried={}, **common)
+                      env_carried={}, min_nodes=min_nodes if min_nodes != nnodes else 0, **common)
 
 
 def _hostfile_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) -> LaunchPlan:
@@ -200,7 +230,8 @@ def _hostfile_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) 
                       world=sum(len(s) for s in hosts.values()), device=device,
                       env_set=environment.rank_settings(
                           device=device, threads_per_rank=cfg.launch.threads_per_rank,
-                          nproc_per_node=nproc, environ=environ),
+                          nproc_per_node=nproc, log_dir=str(common["run_dir"] / "logs"),
+                          environ=environ),
                       env_carried=carried, hostfile=str(Path(args.hostfile).resolve()),
                       include=args.include or "", exclude=args.exclude or "",
                       ssh_port=args.ssh_port, hosts=hosts, master_addr=master, master_port=port,
@@ -209,38 +240,79 @@ def _hostfile_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) 
 
 def _slurm_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) -> LaunchPlan:
     where = slurm.allocation(environ)
-    nnodes = args.nnodes or (slurm.allocation_nodes(environ) if where == "allocation" else 1)
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else (
-        slurm.allocation_gpus_per_node(environ) if where == "allocation" else 0)
-    nproc = args.nproc_per_node or gpus or cfg.launch.nproc
+    min_nodes, nnodes = parse_nnodes(args.nnodes) if args.nnodes else (1, 1)
+    if min_nodes != nnodes:
+        raise ValueError("--nnodes MIN:MAX is for --rdzv-endpoint launches; with --slurm give the "
+                         "node count (a requeued job resumes on the nodes it gets)")
+    if not args.nnodes and where == "allocation":
+        nnodes = slurm.allocation_nodes(environ)
     if args.node_rank is not None or args.rdzv_endpoint or args.master_addr:
         raise ValueError("with --slurm the nodes and the rendezvous come from the allocation: drop "
                          "--node-rank/--rdzv-endpoint/--master-addr")
-    device = "cuda" if gpus else device_kind(cfg)
-    if device == "cuda" and gpus and nproc > gpus:
-        raise ValueError(f"--nproc-per-node {nproc} exceeds --gpus-per-node {gpus}")
+    device, gpus, nproc, warnings = _slurm_devices(args, cfg, environ, where)
     logs = common["run_dir"] / "logs"
     job = slurm.SlurmJob(job_name=args.job_name or cfg.train.name, nodes=nnodes, gpus_per_node=gpus,
                          nproc_per_node=nproc, time=args.time or "", partition=args.partition or "",
                          account=args.account or "", qos=args.qos or "",
-                         cpus_per_task=args.cpus_per_task or 0,
+                         cpus_per_task=args.cpus_per_task or slurm_cpus_per_node(cfg, nproc),
                          output=str(logs / "slurm-%j.out"), error=str(logs / "slurm-%j.err"),
-                         signal_seconds=args.shutdown_timeout + 60 if args.time else 0)
+                         signal_seconds=args.shutdown_timeout + 60 if args.time else 0,
+                         requeue_marker=str(common["run_dir"] / REQUEUE_MARKER))
     threads = (cfg.launch.threads_per_rank or
                (int(environ["OMP_NUM_THREADS"]) if environ.get("OMP_NUM_THREADS", "").isdigit()
                 else None) or
                (max(1, args.cpus_per_task // nproc) if args.cpus_per_task else None))
     env_set = {**environment.rank_settings(device=device, threads_per_rank=0, nproc_per_node=None,
-                                           environ=environ), **RESTART_ENV}
+                                           log_dir=str(logs), environ=environ), **RESTART_ENV}
     rdzv = Rendezvous(backend="c10d", host=slurm.RDZV_HOST, port=slurm.RDZV_PORT,
                       run_id=slurm.JOB_ID, join_timeout=args.rdzv_timeout)
-    warnings = [f"--resume {args.resume} is written into the script: a resubmission of it resumes "
-                "from there again; drop it from the script once the first job saved a checkpoint"
-                ] if args.resume else []
+    if args.resume:
+        warnings.append(f"--resume {args.resume} is written into the script: it applies to the "
+                        "job's first run (a requeued run resumes from the newest checkpoint), and "
+                        "again to every new submission of the script; drop it once the job saved")
     return LaunchPlan(mode="slurm", nnodes=nnodes, node_rank=0, nproc_per_node=nproc,
                       world=nnodes * nproc, device=device, rdzv=rdzv, env_set=env_set,
                       env_carried=environment.carried(environ), slurm_job=job, slurm_where=where,
                       slurm_threads=threads, warnings=warnings, **common)
+
+
+def _slurm_devices(args, cfg: RunConfig, environ: dict[str, str],
+                   where: str) -> tuple[str, int, int, list[str]]:
+    """(device, GPUs per node to request, ranks per node, warnings) of a SLURM job.
+
+    The login node that writes the script may have no GPU (or other GPUs): the job's device comes
+    from launch.device and --gpus-per-node, never from this machine. A CUDA job always requests
+    its GPUs: --gpus-per-node, else the allocation's, else one per rank (--nproc-per-node or
+    launch.nproc). No GPUs and launch.device=auto is a CPU job, said so.
+    """
+    warnings: list[str] = []
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (
+        slurm.allocation_gpus_per_node(environ) if where == "allocation" else 0)
+    if gpus < 0:
+        raise ValueError(f"--gpus-per-node {gpus} must be >= 0")
+    if gpus and cfg.launch.device == "cpu":
+        raise ValueError(f"launch.device=cpu with {gpus} GPUs per node: drop --gpus-per-node, or "
+                         "set launch.device=cuda (or auto)")
+    device = "cuda" if gpus or cfg.launch.device == "cuda" else "cpu"
+    nproc = args.nproc_per_node or gpus or cfg.launch.nproc
+    if device == "cuda" and not gpus:
+        gpus = nproc
+        warnings.append(f"launch.device=cuda and no --gpus-per-node: the job requests {gpus} GPUs "
+                        f"per node, one per rank ({'--nproc-per-node' if args.nproc_per_node else 'launch.nproc'})")
+    elif device == "cpu" and cfg.launch.device == "auto":
+        warnings.append("launch.device=auto and no --gpus-per-node: a CPU job (gloo); for GPUs set "
+                        "launch.device=cuda or --gpus-per-node")
+    if device == "cuda" and nproc > gpus:
+        raise ValueError(f"--nproc-per-node {nproc} exceeds --gpus-per-node {gpus}")
+    return device, gpus, nproc, warnings
+
+
+def slurm_cpus_per_node(cfg: RunConfig, nproc: int) -> int:
+    """--cpus-per-task when not given (one task per node runs all its ranks): per rank, its compute
+    threads (launch.threads_per_rank, at least 2: the training thread and the communication /
+    DeepSpeed helpers) plus one per decode worker (data.num_workers). SLURM's default, 1 CPU per
+    task, would pin every rank of the node and its loaders to a single core."""
+    return nproc * (max(2, cfg.launch.threads_per_rank) + cfg.data.num_workers)
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -248,7 +320,8 @@ def _slurm_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) -> 
 
 def node_torchrun_argv(plan: LaunchPlan, node_rank: int | None) -> list[str]:
     assert plan.rdzv is not None
-    return torchrun_argv(python=plan.python, nnodes=plan.nnodes, node_rank=node_rank,
+    nnodes = f"{plan.min_nodes}:{plan.nnodes}" if plan.min_nodes else str(plan.nnodes)
+    return torchrun_argv(python=plan.python, nnodes=nnodes, node_rank=node_rank,
                          nproc_per_node=plan.nproc_per_node, rdzv=plan.rdzv,
                          max_restarts=plan.max_restarts, monitor_interval=plan.monitor_interval,
                          shutdown_timeout=plan.shutdown_timeout,

@@ -1,7 +1,11 @@
 """SLURM: an sbatch script that runs one torchrun per node (srun) with c10d rendezvous on the first.
 
 The script is written to RUN/launch/slurm.sbatch so it can be reviewed, kept and resubmitted (a
-resubmitted job resumes from the newest committed checkpoint). Inside an allocation (salloc, or
+resubmitted job resumes from the newest committed checkpoint). The job requeues itself after the
+save that SLURM's warning before the time limit (SIGUSR1) causes: the ranks leave
+RUN/requeue.json (mmtrain.requeue) and the script runs `scontrol requeue`. `--requeue` also lets
+SLURM requeue a preempted job itself; `--open-mode=append` keeps every run's output in the same
+slurm-<job>.out (a requeued job keeps its id). Inside an allocation (salloc, or
 an sbatch script of your own) `mmtrain launch --slurm` runs the same script with bash; inside a
 job step (srun, one task per node) it runs this node's torchrun from the SLURM environment.
 
@@ -38,6 +42,7 @@ class SlurmJob:
     output: str = ""  # sbatch --output / --error (%j: job id)
     error: str = ""
     signal_seconds: int = 0  # >0: SIGUSR1 this long before the time limit (ranks save and exit)
+    requeue_marker: str = ""  # RUN/requeue.json: the ranks saved on SIGUSR1; "" never requeues
 
     def __post_init__(self) -> None:
         check_sbatch_value(self.job_name, "job name")
@@ -66,7 +71,8 @@ def _line(argv: list[str]) -> str:
 def sbatch_script(job: SlurmJob, *, cwd: str, env: dict[str, str], threads: int | None,
                   node_check_argv: list[str], torchrun_argv: list[str]) -> str:
     """The whole sbatch script, deterministic for given inputs (golden-file tested)."""
-    sb = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
+    sb = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
+          "--requeue", "--open-mode=append"]
     if job.gpus_per_node:
         sb.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task:
@@ -112,10 +118,32 @@ def sbatch_script(job: SlurmJob, *, cwd: str, env: dict[str, str], threads: int 
         "",
         "# one torchrun per node; when a rank dies, torchrun restarts all of them and they resume",
         "# from the newest committed checkpoint",
-        _line(srun + torchrun_argv),
+        *_requeue_block(job, _line(srun + torchrun_argv)),
         "",
     ]
     return "\n".join(lines)
+
+
+def _requeue_block(job: SlurmJob, torchrun_line: str) -> list[str]:
+    """Run the ranks; requeue the job if they saved because of SIGUSR1 (time limit ahead)."""
+    if not job.requeue_marker:
+        return [torchrun_line]
+    marker = shlex.quote(job.requeue_marker)
+    return [
+        f"rm -f {marker}",
+        "set +e",
+        torchrun_line,
+        "status=$?",
+        "set -e",
+        "# the ranks write this after the checkpoint that SIGUSR1 (the time limit is near) caused",
+        f"if [ -f {marker} ]; then",
+        '  echo "mmtrain: checkpoint saved before the time limit: requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID" || echo "mmtrain: scontrol requeue failed: resubmit '
+        'this script to continue" >&2',
+        "  exit 0",
+        "fi",
+        'exit "$status"',
+    ]
 
 
 def allocation(environ: dict[str, str]) -> str:

@@ -1,8 +1,12 @@
-"""torchrun (torch.distributed.run) command lines: one per node, c10d or static rendezvous.
+"""torchrun command lines: one per node, c10d or static rendezvous.
 
 Restarts are torchrun's own: with `--max-restarts R` its elastic agent stops every worker of the
 group when one dies, re-rendezvouses (with c10d, the agents on the other nodes notice and do the
-same) and starts them again; the ranks then resume from the newest committed checkpoint.
+same) and starts them again; the ranks then resume from the newest committed checkpoint. With
+`--nnodes MIN:MAX` (c10d) the group re-forms with the nodes that are left, down to MIN.
+
+The command runs torchrun through `launch.elastic_run` (same options, same agent) so that every
+start of the ranks keeps its own log folder.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ class Rendezvous:
     local_addr: str = ""
 
 
-def torchrun_argv(*, python: str, nnodes: int, node_rank: int | None, nproc_per_node: int,
+def torchrun_argv(*, python: str, nnodes: str, node_rank: int | None, nproc_per_node: int,
                   rdzv: Rendezvous, max_restarts: int, monitor_interval: float,
                   shutdown_timeout: int, log_dir: str, rank_argv: list[str]) -> list[str]:
     """`node_rank=None`: the same command on every node (SLURM); the rendezvous host is then found
-    by torchrun from the host name, and ranks are assigned by the c10d rendezvous."""
-    argv = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+    by torchrun from the host name, and ranks are assigned by the c10d rendezvous. `nnodes` is
+    "N" or "MIN:MAX" (elastic, c10d only)."""
+    argv = [python, "-m", "launch.elastic_run", "--nnodes", nnodes,
             "--nproc-per-node", str(nproc_per_node)]
     if rdzv.backend == "c10d":
         conf = f"join_timeout={rdzv.join_timeout}"

@@ -35,6 +35,7 @@ from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag
                             parameters_finite)
 from mmtrain.metrics import MetricsLogger
 from mmtrain.model import FusionTransformer, ModelConfig
+from mmtrain.requeue import after_preemption_save
 from mmtrain.watchdog import Watchdog
 
 log = logging.getLogger("mmtrain.train")
@@ -147,6 +148,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         if out.stop:  # SIGTERM / SIGUSR1 on some rank: save and leave cleanly
             log.info("preemption signal: saving step %d and exiting", step)
             save(step)
+            after_preemption_save(run_dir, rank=rank, signum=preempt.signal, step=step)  # SLURM
             return {}
         if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or out.save_due:
             save(step)
@@ -264,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A restart by torchrun (`mmtrain launch --max-restarts`) continues from the newest committed
     # checkpoint: an explicit --resume (or --fresh) was meant for the first start only.
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    # MMTRAIN_ATTEMPT (set by launch.elastic_run) counts every start of the ranks on this node, also
+    # one caused by another node's failure, where torchrun's restart count stays 0.
+    attempt = os.environ.get("MMTRAIN_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if int(attempt) > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:  # SLURM requeue
         args.fresh, args.resume = False, None
     cfg = from_dict(RunConfig, json.loads(Path(args.config_json).read_text()))
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from launch.plan import deepspeed_runner_argv, describe, node_torchrun_argv, render_slurm_script
 from tests.launch.conftest import plan_for
 
@@ -63,9 +65,47 @@ def test_torchrun_commands_4x8(golden):
 
     for node in range(4):
         argv = node_torchrun_argv(plan, node)
-        assert argv[1:3] == ["-m", "torch.distributed.run"]
+        assert argv[1:3] == ["-m", "launch.elastic_run"]  # torchrun, numbering attempts by start
         tr = get_args_parser().parse_args(argv[3:])
         assert (tr.nnodes, tr.nproc_per_node, tr.rdzv_backend, tr.rdzv_endpoint) == (
             "4", "8", "c10d", "node0:29500")
         assert tr.max_restarts == 3 and tr.module and tr.training_script == "mmtrain.train"
         assert f"is_host={int(node == 0)}" in tr.rdzv_conf
+
+
+def test_elastic_node_range_reaches_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    plan = plan_for(["--nnodes", "2:4", "--node-rank", "0", "--rdzv-endpoint", "node0:29500"], CFG)
+    argv = node_torchrun_argv(plan, 0)
+    tr = get_args_parser().parse_args(argv[3:])
+    assert tr.nnodes == "2:4" and (plan.min_nodes, plan.nnodes, plan.world) == (2, 4, 8)
+    assert plan.max_restarts == 3  # several nodes: restarts by default
+    for argv, message in [
+        (["--nnodes", "2:4", "--node-rank", "0", "--master-addr", "node0"], "needs the c10d"),
+        (["--nnodes", "4:2", "--node-rank", "0", "--rdzv-endpoint", "node0:1"], "1 <= MIN <= MAX"),
+        (["--nnodes", "two", "--node-rank", "0"], "must be a node count N, or MIN:MAX"),
+        (["--slurm", "--nnodes", "2:4"], "MIN:MAX is for --rdzv-endpoint launches"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            plan_for(argv, CFG)
+
+
+def test_restarts_default_to_three_on_several_nodes_only():
+    one = plan_for([], CFG)
+    two = plan_for(["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500"], CFG)
+    static = plan_for(["--nnodes", "2", "--node-rank", "1", "--master-addr", "node0"], CFG)
+    mine = plan_for(["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500",
+                     "--max-restarts", "0"], CFG)
+    assert (one.max_restarts, two.max_restarts, static.max_restarts, mine.max_restarts) == (
+        0, 3, 0, 0)  # static rendezvous cannot restart across nodes
+
+
+def test_flight_recorder_for_gpu_ranks_unless_the_user_set_it():
+    gpu = plan_for([], CFG, environ={"HOME": "/x", "TORCH_FR_BUFFER_SIZE": "100"})
+    assert gpu.env_set["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert gpu.env_set["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == \
+        "/shared/runs/fusion-7b/logs/nccl_trace_rank_"
+    assert "TORCH_NCCL_TRACE_BUFFER_SIZE" not in gpu.env_set  # the user's (other) name wins
+    cpu = plan_for([], [*CFG[:-1], "launch.device=cpu"])
+    assert not [k for k in cpu.env_set if "NCCL" in k]

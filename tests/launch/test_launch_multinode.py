@@ -44,8 +44,8 @@ def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 300) -> tup
 
 
 def rank_pids(launcher: int) -> list[int]:
-    return [p for p in descendants(launcher)
-            if "mmtrain.train" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]
+    return [p for p in descendants(launcher)  # the ranks, not torchrun's agent (launch.elastic_run)
+            if "mmtrain.train" in cmdline(p) and "launch.elastic_run" not in cmdline(p)]
 
 
 @pytest.fixture(scope="module")
@@ -201,5 +201,41 @@ def test_a_stopped_rank_leaves_the_others_stacks_then_the_job_resumes(demo_corpu
     resumed = [line for line in (run / "logs" / "rank_0.log").read_text().splitlines()
                if "resumed from" in line]
     step = int(resumed[-1].rsplit("at step", 1)[1])
+    for s in range(step + 1, STEPS + 1):
+        assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
+
+
+def test_a_rank_killed_on_one_node_restarts_both_nodes(demo_corpus, baseline, tmp_path):
+    """2 nodes × 1 rank on loopback (--max-restarts defaults to 3 on several nodes): kill node 1's
+    rank; both nodes restart, resume, and train like the uninterrupted run. Every start of the
+    ranks keeps its own log folder on both nodes (node 0's first traceback is not overwritten)."""
+    port = free_port()
+    common = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+              "--monitor-interval", "0.5")
+    node1 = start(demo_corpus, tmp_path, "xnode", *common, "--node-rank", "1")  # waits for 0
+    time.sleep(1)
+    node0 = start(demo_corpus, tmp_path, "xnode", *common, "--node-rank", "0")
+    run = tmp_path / "xnode"
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (latest.is_file() and latest.read_text().strip() >= "step_00000002"):
+        assert node0.poll() is None and node1.poll() is None and time.monotonic() < deadline, \
+            "no checkpoint was committed"
+        time.sleep(0.02)
+    (victim,) = rank_pids(node1.pid)
+    os.kill(victim, signal.SIGKILL)
+    finish(node0)
+    finish(node1)
+
+    for node in ("node0", "node1"):
+        attempts = sorted((run / "logs" / "torchrun" / node).glob("*/attempt_*"))
+        assert [p.name for p in attempts] == ["attempt_0", "attempt_1"], (node, attempts)
+        assert all((p / "0" / "stderr.log").is_file() for p in attempts)
+    resumed = [line for line in (run / "logs" / "rank_0.log").read_text().splitlines()
+               if "resumed from" in line]
+    assert len(resumed) == 1, resumed
+    step = int(resumed[0].rsplit("at step", 1)[1])
+    got, want = losses(run), losses(baseline)
+    assert 2 <= step < STEPS and sorted(got) == list(range(1, STEPS + 1))
     for s in range(step + 1, STEPS + 1):
         assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"

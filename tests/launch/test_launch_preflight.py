@@ -181,7 +181,7 @@ def test_dry_run_prints_and_starts_nothing(capsys, demo_corpus, tmp_path):
                       "--max-restarts", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d" in out
+    assert "-m launch.elastic_run --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d" in out
     assert "--max-restarts 2" in out and "OMP_NUM_THREADS=1" in out
     assert not (tmp_path / "runs").exists()
 

@@ -86,3 +86,53 @@ def test_inside_an_allocation_the_script_runs_here(demo_corpus, tmp_path, monkey
     assert "launch.preflight --node-check --gpus 0 --rdzv-host nodeA --port 20077" in preflight
     assert ("--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint nodeA:20077"
             in torchrun)
+
+
+def test_a_save_before_the_time_limit_requeues_the_job(demo_corpus, tmp_path, monkeypatch,
+                                                       capfd):
+    """The ranks leave RUN/requeue.json after a SIGUSR1 save (mmtrain.requeue); the script then
+    runs `scontrol requeue` for its own job and ends 0. Here srun plays the ranks."""
+    run = tmp_path / "runs" / "rq"
+    calls = tmp_path / "scontrol.calls"
+    stub(tmp_path / "bin", "srun",
+         "if 'launch.elastic_run' in sys.argv:\n"
+         f"    open({str(run / 'requeue.json')!r}, 'w').write('{{}}')\n"
+         "    sys.exit(1)  # torchrun ends non-zero after forwarding the signal")
+    stub(tmp_path / "bin", "scontrol",
+         f"if sys.argv[1] == 'requeue': open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]))\n"
+         "else: print('nodeA')")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    for name, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1",
+                        "SLURM_JOB_NODELIST": "nodeA"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("SLURM_STEP_ID", "SLURM_PROCID", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    (run).mkdir(parents=True)
+    (run / "requeue.json").write_text("{}")  # a stale marker from an earlier run is removed first
+    calls.write_text("")
+    args = [*tiny_args(demo_corpus, tmp_path / "runs", "rq"), "--slurm", "--nproc-per-node", "2"]
+    assert launch_main(args) == 0, capfd.readouterr()
+    assert calls.read_text() == "requeue 77"
+    assert "requeueing job 77" in capfd.readouterr().out
+    # without the marker (a finished run, or a SIGTERM stop) the job is not requeued
+    stub(tmp_path / "bin", "srun", "pass")
+    calls.write_text("")
+    assert launch_main(args) == 0 and calls.read_text() == ""
+
+
+def test_cuda_jobs_request_their_gpus_and_cpus():
+    cfg = [*CFG, "launch.device=cuda", "launch.nproc=4", "data.num_workers=3"]
+    plan = plan_for(["--slurm", "--nnodes", "2"], cfg)
+    job = plan.slurm_job
+    assert (plan.device, job.gpus_per_node, job.nproc_per_node, plan.world) == ("cuda", 4, 4, 8)
+    assert job.cpus_per_task == 4 * (2 + 3)  # per rank: 2 threads + one per decode worker
+    assert any("requests 4 GPUs per node" in w for w in plan.warnings)
+    assert plan_for(["--slurm", "--nproc-per-node", "2"], cfg).slurm_job.gpus_per_node == 2
+    assert plan_for(["--slurm", "--cpus-per-task", "64"], cfg).slurm_job.cpus_per_task == 64
+    auto = plan_for(["--slurm"], CFG)  # no GPUs asked for: a CPU job, and it says so
+    assert auto.device == "cpu" and auto.slurm_job.gpus_per_node == 0
+    assert any("a CPU job (gloo)" in w for w in auto.warnings)
+    with pytest.raises(ValueError, match="launch.device=cpu with 8 GPUs per node"):
+        plan_for(["--slurm", "--gpus-per-node", "8"], [*CFG, "launch.device=cpu"])
+    with pytest.raises(ValueError, match="--nproc-per-node 8 exceeds --gpus-per-node 4"):
+        plan_for(["--slurm", "--gpus-per-node", "4", "--nproc-per-node", "8"], cfg)
