@@ -161,7 +161,7 @@ def check_resume(root: Path, *, resume: str | None, fresh: bool, world: int,
                  report: Report) -> str:
     """The checkpoint the ranks will resume from is committed and hashes fine; another world size
     is converted by the ranks (mmtrain.distributed.deepspeed.load_checkpoint), so it is a note."""
-    from mmtrain.checkpoint import MANIFEST, committed_steps, verify
+    from mmtrain.checkpoint import MANIFEST, committed_steps, resume_candidates, verify
 
     if fresh:
         if committed_steps(root) or (root.is_dir() and any(root.iterdir())):
@@ -178,7 +178,7 @@ def check_resume(root: Path, *, resume: str | None, fresh: bool, world: int,
             raise ValueError(f"--resume {resume}: {e}") from None
     else:
         ckpt = None
-        for candidate in committed_steps(root):
+        for candidate in resume_candidates(root):  # `latest`, then its ancestors
             try:
                 verify(candidate)
             except ValueError as e:

@@ -78,7 +78,8 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                          quarantine=run_dir / "quarantine" / f"rank_{rank}.jsonl",
                          pin_memory=device.type == "cuda")
     checkpointer = Checkpointer(run_dir / "checkpoints", rank=rank, world_size=world,
-                                keep_last=cfg.train.keep_last, barrier=coll.barrier)
+                                keep_last=cfg.train.keep_last, comm=coll,
+                                peer_timeout_s=60.0 * cfg.engine.timeout_minutes)
     metrics = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps)
     val = (eval_batches(cfg.data.val, cfg.data, spec=spec, tokenizer=tokenizer, rank=rank,
                         world_size=world, num_batches=cfg.train.eval_batches)
@@ -96,15 +97,18 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                  cfg.engine.zero_stage, cfg.engine.precision, cfg.model.num_params() / 1e6,
                  cfg.global_batch_summary(world))
 
-    def save(at: int) -> Path:
+    def save(at: int) -> float:
+        """Checkpoint step `at`; returns the seconds training was blocked (written and committed
+        in the background, see mmtrain/checkpoint.py)."""
+        t0 = time.perf_counter()
         if not parameters_finite(engine.module.parameters()):
             raise Diverged(f"step {at}: parameters are not finite; refusing to checkpoint them")
-        path = checkpointer.save(
-            at, save_engine=lambda root, tag: ds.save_checkpoint(engine, root, tag, {"step": at}),
+        checkpointer.save(
+            at, save_engine=lambda root, tag: ds.snapshot_checkpoint(engine, root, tag, {"step": at}),
             loader_state=loader.state_dict(), config=cfg.to_dict())
         flags.saved()
         watchdog.beat(at)  # a save is progress too
-        return path
+        return time.perf_counter() - t0
 
     def run_eval(at: int) -> dict[str, float]:
         engine.module.eval()
@@ -122,7 +126,6 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     monitor = LossMonitor(max_consecutive=cfg.train.max_skipped_steps, spike_z=cfg.train.spike_z)
     peak = peak_flops(cfg.train.peak_tflops, device)
     stop_at = min(cfg.train.steps, step + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
-    last_saved = step
     engine.train()
     metrics.begin(step)
     watchdog = Watchdog(run_dir / "logs", rank, hang_seconds=cfg.train.hang_dump_minutes * 60)
@@ -131,31 +134,33 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         t0 = time.perf_counter()
         out = train_step(engine, loader, engine_cfg.grad_accum, device, flags, preempt)
         step += 1
+        step_time = time.perf_counter() - t0
         watchdog.beat(step)
         if out.skipped:
             monitor.skipped(step)
         spike = not out.skipped and monitor.observe(step, out.loss)
-        if step % cfg.train.log_every == 0 or step == stop_at or out.skipped:
-            values = step_metrics(out, time.perf_counter() - t0, coll, model=cfg.model,
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val:
+            run_eval(step)
+        saving = (out.stop or out.save_due or step == stop_at  # stop: SIGTERM / SIGUSR1 somewhere
+                  or bool(cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0))
+        blocked = save(step) if saving else None  # after the eval: it may draw random numbers
+        if step % cfg.train.log_every == 0 or step == stop_at or out.skipped or saving:
+            values = step_metrics(out, step_time, coll, model=cfg.model,
                                   seq_len=cfg.data.seq_len, peak=peak)
             values.update(lr=ds.current_lr(engine), grad_norm=ds.grad_norm(engine),
                           skipped_steps=monitor.skipped_total, loss_spike=float(spike),
                           skipped_samples=float(loader.skipped), epoch=float(loader.epochs()))
+            if blocked is not None:
+                values["ckpt_blocking_s"] = blocked
             metrics.log(step, values)
             metrics.progress(step, values)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val:
-            run_eval(step)
-        if out.stop:  # SIGTERM / SIGUSR1 on some rank: save and leave cleanly
-            log.info("preemption signal: saving step %d and exiting", step)
-            save(step)
+        if out.stop:
+            log.info("preemption signal: saved step %d; exiting once it is committed", step)
+            checkpointer.wait()
             after_preemption_save(run_dir, rank=rank, signum=preempt.signal, step=step)  # SLURM
             return {}
-        if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or out.save_due:
-            save(step)
-            last_saved = step
-    if last_saved != step:
-        save(step)
-    result = run_eval(step) if val and step == cfg.train.steps else {}
+    result = run_eval(step) if val and step == cfg.train.steps else {}  # while the save is written
+    checkpointer.wait()  # the last save is committed (this rank's part written) before exiting
     if rank == 0:
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         print(f"run directory: {run_dir}\ncheckpoint:    {run_dir / 'checkpoints' / latest}\n"
@@ -264,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--resume", default=None)
     args = parser.parse_args(argv)
-    # A restart by torchrun (`mmtrain launch --max-restarts`) continues from the newest committed
-    # checkpoint: an explicit --resume (or --fresh) was meant for the first start only.
+    # A restart by torchrun (`mmtrain launch --max-restarts`) continues from `latest` (which a
+    # first start with --resume X moved to X): --resume (or --fresh) is for the first start only.
     # MMTRAIN_ATTEMPT (set by launch.elastic_run) counts every start of the ranks on this node, also
     # one caused by another node's failure, where torchrun's restart count stays 0.
     attempt = os.environ.get("MMTRAIN_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

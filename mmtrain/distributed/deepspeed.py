@@ -234,39 +234,33 @@ def _allow_calls_outside_forward(engine: Any, names: tuple[str, ...]) -> None:
         object.__setattr__(module, name, wrapped)
 
 
-def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's own files for this rank, flushed to disk (DeepSpeed's `latest` is not
-    written: mmtrain.checkpoint commits).
+def snapshot_checkpoint(engine: Any, root: str, tag: str,
+                        client_state: dict[str, Any]) -> Callable[[], list[Path]]:
+    """Collective (DeepSpeed's own barriers). DeepSpeed's files of this rank, copied into host
+    memory: training may change the live tensors as soon as this returns. Returns the function
+    that writes and fsyncs them (on any thread; it issues no collective) and returns their paths.
+    DeepSpeed's `latest` is not written: mmtrain.checkpoint commits.
 
     The universal-checkpoint marker goes into the client state so that a later resume on another
     world size can convert this checkpoint (DeepSpeed's converter refuses checkpoints without it).
     """
-    from mmtrain.distributed import universal
+    from mmtrain.distributed import snapshot, universal
 
+    host = snapshot.install(engine)
     state = {**client_state, **universal.client_state_marker()}
     engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False)
-    _fsync_tree(Path(root) / tag)
+    return functools.partial(host.write, host.take())
 
 
-def _fsync_tree(directory: Path) -> None:
-    """Make DeepSpeed's files durable before the checkpoint is committed (DeepSpeed writes them
-    with torch.save and does not fsync; COMMITTED must never be on disk before the data is).
-    Every rank flushes every file of the directory once its own writes are done, so each file is
-    flushed at least once after its writer finished; then the directory entries (the step
-    directory's own entry in the checkpoints directory included)."""
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for d in [directory.parent, directory, *sorted(p for p in directory.rglob("*") if p.is_dir())]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> list[Path]:
+    """`snapshot_checkpoint`, then write: this rank's files and their directory entries are on
+    disk when it returns (tools and tests; training saves through mmtrain.checkpoint)."""
+    from mmtrain.fileio import fsync_dir
+
+    paths = snapshot_checkpoint(engine, root, tag, client_state)()
+    for directory in sorted({p.parent for p in paths} | {Path(root)}):
+        fsync_dir(directory)
+    return paths
 
 
 def load_checkpoint(engine: Any, root: str, tag: str, *, saved_world_size: int) -> dict[str, Any]:
@@ -275,7 +269,8 @@ def load_checkpoint(engine: Any, root: str, tag: str, *, saved_world_size: int) 
     On the same world size DeepSpeed reads its files directly. On another one a ZeRO checkpoint
     (whose optimizer state is partitioned by rank) is converted to DeepSpeed's universal layout on
     rank 0 and every rank loads its new partition from it (see mmtrain/distributed/universal.py).
-    Called after `mmtrain.checkpoint.verify`: nothing here reads an unchecked file.
+    Called once the ranks agreed that every file passes its sha256 (mmtrain.checkpoint: each rank
+    hashed its share): nothing here reads an unchecked file.
     """
     from mmtrain.distributed import universal
     from mmtrain.distributed.safe_load import weights_only_loads

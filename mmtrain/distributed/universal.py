@@ -16,8 +16,9 @@ whole fp32 value, exp_avg, exp_avg_sq and step. So, on a world-size change:
 
 The committed checkpoint is never touched (its MANIFEST stays valid), the converted copy lives
 beside it under a dot-name that `Checkpointer` ignores, and it is removed once loaded: nothing
-unhashed is left to be unpickled by a later run. The conversion reads only files that
-`mmtrain.checkpoint.verify` checked just before (DeepSpeed unpickles them with weights_only=False).
+unhashed is left to be unpickled by a later run. The conversion reads only files whose hashes
+the ranks agreed on just before (each rank hashed its share, `mmtrain.checkpoint.hashed_by`), and
+DeepSpeed's reads run inside mmtrain.distributed.safe_load's weights-only guard.
 
 ZeRO-0 checkpoints hold whole tensors (one model-states file, optimizer included) and load on any
 world size directly.

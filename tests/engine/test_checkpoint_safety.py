@@ -39,14 +39,16 @@ def make_checkpoint(root: Path) -> Path:
     """A committed checkpoint through the real commit protocol, with a ZeRO-0-like engine file."""
     from mmtrain.config import RunConfig
 
-    def save_engine(ckpt_root: str, tag: str) -> None:
-        d = Path(ckpt_root) / tag
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": {"w": torch.ones(2)}}, d / "mp_rank_00_model_states.pt")
+    def save_engine(ckpt_root: str, tag: str):
+        path = Path(ckpt_root) / tag / "mp_rank_00_model_states.pt"
+        state = {"module": {"w": torch.ones(2)}}
+        return lambda: (torch.save(state, path), [path])[1]  # the background writer
 
-    cp = Checkpointer(root, rank=0, world_size=1, keep_last=2, barrier=lambda: None)
+    cp = Checkpointer(root, rank=0, world_size=1, keep_last=2)
     cfg = RunConfig().to_dict()
-    return cp.save(5, save_engine=save_engine, loader_state={"v": 1}, config=cfg)
+    ckpt = cp.save(5, save_engine=save_engine, loader_state={"v": 1}, config=cfg)
+    cp.wait()
+    return ckpt
 
 
 def rewrite_manifest(ckpt: Path, rel: str) -> None:
@@ -69,7 +71,7 @@ def test_hash_mismatch_refuses_before_loading(tmp_path, rel):
     marker = tmp_path / "ran"
     plant(ckpt / rel, marker)
     called = []
-    cp = Checkpointer(tmp_path / "ckpts", rank=0, world_size=1, keep_last=2, barrier=lambda: None)
+    cp = Checkpointer(tmp_path / "ckpts", rank=0, world_size=1, keep_last=2)
     with pytest.raises(ValueError, match="sha256"):
         cp.load(ckpt, load_engine=lambda *a: called.append(a), load_loader=called.append)
     assert called == []  # nothing was handed to DeepSpeed or the loader
@@ -85,7 +87,7 @@ def test_rewritten_manifest_our_loads_refuse(tmp_path):
     plant(ckpt / "rng" / "rank_0.pt", marker)
     rewrite_manifest(ckpt, "rng/rank_0.pt")
     verify(ckpt)  # the forged manifest matches
-    cp = Checkpointer(tmp_path / "ckpts", rank=0, world_size=1, keep_last=2, barrier=lambda: None)
+    cp = Checkpointer(tmp_path / "ckpts", rank=0, world_size=1, keep_last=2)
     with pytest.raises(pickle.UnpicklingError):
         cp.load(ckpt, load_engine=lambda *a: None, load_loader=lambda s: None)
     assert not marker.exists()
