@@ -8,9 +8,10 @@
 #
 # Each stage writes DIR/<stage>.json when it finishes; DIR/summary.md is written and printed last.
 # Exit status 1 when a stage failed (an error, or outputs outside the stated tolerance), 2 when
-# something the chosen stages need is missing (checked before any stage starts).
-# If REPO/.whl/ exists, its wheels are installed first with `pip install --no-index --no-deps`
-# (the GPU machine has no network; docs/benchmarks.md says how to fill it).
+# something a chosen stage needs is missing (checked before any stage starts; that stage is not
+# run, the others are).
+# If REPO/.whl/ holds wheels, a GPU run installs them first with `pip install --no-index --no-deps`
+# (the GPU machine has no network; benchmarks/gpu_wheels.sh fills the folder).
 # PYTHON selects the interpreter (default python3). See docs/benchmarks.md.
 set -euo pipefail
 
@@ -31,7 +32,7 @@ python=${PYTHON:-python3}
 shopt -s nullglob
 wheels=("${repo_root}"/.whl/*.whl)
 shopt -u nullglob
-if [[ ${#wheels[@]} -gt 0 ]]; then
+if [[ ${#wheels[@]} -gt 0 && ${#dry_run[@]} -eq 0 ]]; then  # the dry run uses this machine's packages
     echo "[gpu.sh] installing ${#wheels[@]} wheels from ${repo_root}/.whl (no index)" >&2
     if ! "$python" -m pip install --quiet --no-index --no-deps "${wheels[@]}" \
         && ! "$python" -m pip install --quiet --user --no-index --no-deps "${wheels[@]}"; then

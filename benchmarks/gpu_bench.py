@@ -63,13 +63,18 @@ GOALS = {"attention_vs_flash": 1.2, "doc_attention_vs_flex": 1.3, "mfu_125m": 0.
 PURE_LOOP = "pure bf16 loop (no DeepSpeed, no loader, text-only) -- upper bound"
 
 
-def run_stage(name: str, fn: Callable[[Settings, Deadline], dict], s: Settings) -> dict:
-    """Run one stage; it has failed when it raised or reported failures (outputs outside tolerance)."""
+def run_stage(name: str, fn: Callable[[Settings, Deadline], dict], s: Settings, started: float) -> dict:
+    """Run one stage; it has failed when it raised or reported failures (outputs outside tolerance).
+    Its time budget is its own, cut to what is left of the total from `started`."""
     print(f"[gpu_bench] stage {name} ...", flush=True)
     start = time.perf_counter()
-    record: dict = {"stage": name}
+    budget = s.stage_budget_s.get(name)
+    if s.total_budget_s is not None:
+        left = max(0.0, s.total_budget_s - (start - started))
+        budget = left if budget is None else min(budget, left)
+    record: dict = {"stage": name, "budget_s": budget}
     try:
-        record.update(fn(s, Deadline(s.stage_budget_s.get(name))))
+        record.update(fn(s, Deadline(budget)))
     except Exception:  # a stage failing must not stop the others; the error is in its JSON
         record["error"] = traceback.format_exc()
         print(record["error"], file=sys.stderr, flush=True)
@@ -478,21 +483,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device; use --dry-run to exercise the script on CPU")
     if args.dry_run:  # FlexAttention warns when not compiled; the dry run does that on purpose
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-    problems = check_requirements(wanted, args.dry_run)
-    if problems:  # before anything runs: a missing package would otherwise fail a stage minutes in
+    # Before anything runs: a missing package would otherwise fail a stage minutes in. The stages
+    # that lack something are not run (and count as failed); the others still are.
+    missing = check_requirements(wanted, args.dry_run)
+    for stage, problems in missing.items():
         for problem in problems:
-            print(f"[gpu_bench] {problem}", file=sys.stderr)
+            print(f"[gpu_bench] stage {stage} cannot run: {problem}", file=sys.stderr)
+    if missing:
         print("[gpu_bench] put the missing wheels in REPO/.whl/ (gpu.sh installs them with pip --no-index; "
-              "see docs/benchmarks.md) or install them; or leave out the stages that need them (--stages)",
-              file=sys.stderr, flush=True)
-        return 2
+              "see docs/benchmarks.md) or install them", file=sys.stderr, flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     s = make_settings(args.out_dir, args.dry_run)
-    results = {name: run_stage(name, fn, s) for name, fn in STAGES if name in wanted}
+    results, started = {}, time.perf_counter()
+    for name, fn in STAGES:
+        if name in missing:
+            results[name] = {"stage": name, "error": "not run: " + "; ".join(missing[name]), "failed": True}
+            write_json(s.out_dir / f"{name}.json", results[name])
+        elif name in wanted:
+            results[name] = run_stage(name, fn, s, started)
     # the dry run's sequences are tiny: take its ratios over all of them
     summary = summarize(results, long_seq=0 if s.dry_run else 2048)
     (args.out_dir / "summary.md").write_text(summary)
     print("\n" + summary, flush=True)
+    if missing:
+        return 2
     return 1 if any(rec["failed"] for rec in results.values()) else 0
 
 

@@ -1,4 +1,5 @@
-"""What the GPU benchmark's stages need, checked before any stage runs (gpu_bench.py calls it).
+"""What the GPU benchmark's stages need, checked before any stage runs (gpu_bench.py calls it;
+a stage that lacks something is not run and counts as failed, the others still run).
 
 The kernel stages need torch and Triton. The `train` stage imports the model package. The `e2e`
 stage runs `mmtrain train`, so it needs every runtime dependency in pyproject.toml (imported in a
@@ -64,17 +65,23 @@ def fused_adam_problem() -> str | None:
     return None
 
 
-def check(stages: list[str], dry_run: bool) -> list[str]:
-    """Problems that would make the chosen stages fail, one line each (empty: all there)."""
-    modules = list(KERNEL_MODULES)
+def check(stages: list[str], dry_run: bool) -> dict[str, list[str]]:
+    """stage -> problems that would make it fail (one line each); stages with none are left out."""
+    kernel = [f"cannot import {m}: {err}" for m, err in missing_modules(list(KERNEL_MODULES)).items()]
+    if kernel:
+        return {stage: kernel for stage in stages}
+    problems: dict[str, list[str]] = {}
     if "train" in stages or "e2e" in stages:
-        modules += TRAIN_MODULES
+        train = [f"cannot import {m}: {err}" for m, err in missing_modules(list(TRAIN_MODULES)).items()]
+        for stage in ("train", "e2e"):
+            if stage in stages and train:
+                problems[stage] = list(train)
     if "e2e" in stages:
-        modules += runtime_modules() + list(DEEPSPEED_EXTRAS)
-    modules = list(dict.fromkeys(modules))
-    problems = [f"cannot import {m}: {err}" for m, err in missing_modules(modules).items()]
-    if "e2e" in stages and not dry_run and not problems:
-        problem = fused_adam_problem()
-        if problem:
-            problems.append(problem)
+        modules = [m for m in dict.fromkeys(runtime_modules() + list(DEEPSPEED_EXTRAS)) if m not in TRAIN_MODULES]
+        e2e = [f"cannot import {m}: {err}" for m, err in missing_modules(modules).items()]
+        if not dry_run and not e2e:
+            problem = fused_adam_problem()
+            e2e += [problem] if problem else []
+        if e2e:
+            problems.setdefault("e2e", []).extend(e2e)
     return problems
