@@ -185,12 +185,15 @@ def train_step(engine, loader: ShardLoader, grad_accum: int, device: torch.devic
                flags: StepFlags, preempt: PreemptionFlag) -> StepOutput:
     """One optimizer step: grad_accum micro-batches through the DeepSpeed engine.
 
-    Every micro-batch's loss is checked on all ranks before its backward: a non-finite one skips
-    the step, leaving parameters and optimizer state untouched (exact with grad_accum=1; with
-    accumulation, gradients of earlier micro-batches would already be reduced, so it stops the run).
+    Every micro-batch's loss is checked on all ranks before its backward. A non-finite one skips
+    the step, leaving parameters and optimizer state untouched: in the first micro-batch at once
+    (no backward); in a later one the earlier gradients are already accumulated, so the step runs
+    to its boundary and the ZeRO 1-3 optimizer, which checks the gradients for inf/NaN there,
+    skips it (ZeRO-0 has no such check: the run stops instead).
     """
     losses, counts, data_wait = [], {}, 0.0
-    stop = save_due = False
+    stop = save_due = poisoned = False
+    skipped_before = ds.skipped_steps(engine)
     for micro in range(grad_accum):
         t0 = time.perf_counter()
         batch = loader.next_batch().to(device)
@@ -200,14 +203,22 @@ def train_step(engine, loader: ShardLoader, grad_accum: int, device: torch.devic
         loss = engine(batch)
         nonfinite, stop_now, due_now = flags.agree(loss.detach(), preempt.set)
         stop, save_due = stop or stop_now, save_due or due_now
-        if nonfinite:
-            if micro > 0:
-                raise Diverged("non-finite loss in a later micro-batch of an accumulated step; "
-                               "use engine.grad_accum=1 for exact step skipping")
+        if nonfinite and micro == 0:
             return StepOutput(math.nan, counts, data_wait, True, stop, save_due)
+        if nonfinite and not poisoned:
+            if not ds.skips_nonfinite_steps(engine):
+                raise Diverged("non-finite loss in a later micro-batch of an accumulated step; "
+                               "ZeRO-0 cannot skip it: use engine.zero_stage >= 1 or "
+                               "engine.grad_accum=1")
+            poisoned = True
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())  # sync (already synced by the flags above)
+        if not poisoned:
+            losses.append(loss.item())  # sync (already synced by the flags above)
+    if poisoned:
+        if ds.skipped_steps(engine) == skipped_before:  # our invariant: DeepSpeed skipped it
+            raise Diverged("DeepSpeed applied an optimizer step with non-finite gradients")
+        return StepOutput(math.nan, counts, data_wait, True, stop, save_due)
     return StepOutput(sum(losses) / len(losses), counts, data_wait, False, stop, save_due)
 
 

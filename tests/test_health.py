@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent("""
     from mmtrain.model import FusionTransformer, ModelConfig
     from mmtrain.train import train_step
 
-    cfg = EngineConfig(zero_stage=2, lr=1e-2, warmup_steps=0)
+    grad_accum = int(sys.argv[3])
+    cfg = EngineConfig(zero_stage=2, lr=1e-2, warmup_steps=0, grad_accum=grad_accum)
     ds.init_distributed(cfg)
     torch.manual_seed(0)
     model = FusionTransformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
@@ -48,13 +49,17 @@ SCRIPT = textwrap.dedent("""
     loader = Batches()
     for step in range(1, 9):
         before = [p.detach().clone() for p in engine.module.parameters()]
-        hook = engine.module.register_forward_hook(
-            lambda m, i, out: out * float("nan")) if step in nan_at else None
-        out = train_step(engine, loader, 1, torch.device("cpu"), flags, PreemptionFlag())
+        calls = []
+        def poison(module, inputs, out):  # the step's last micro-batch (its only one at accum 1)
+            calls.append(1)
+            return out * float("nan") if len(calls) == grad_accum else out
+        hook = engine.module.register_forward_hook(poison) if step in nan_at else None
+        out = train_step(engine, loader, grad_accum, torch.device("cpu"), flags, PreemptionFlag())
         if hook:
             hook.remove()
         unchanged = all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
-        print("STEP", step, out.skipped, unchanged, engine.global_steps, flush=True)
+        print("STEP", step, out.skipped, unchanged, engine.global_steps, engine.skipped_steps,
+              flush=True)
         if out.skipped:
             try:
                 monitor.skipped(step)
@@ -66,12 +71,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_script(tmp_path, nan_at):
+def run_script(tmp_path, nan_at, grad_accum=1):
     from launch.local import free_port
 
     script = tmp_path / "nan.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(free_port()), nan_at], env=cli_env(),
+    proc = subprocess.run([sys.executable, str(script), str(free_port()), nan_at, str(grad_accum)],
+                          env=cli_env(),
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [line.split() for line in proc.stdout.splitlines() if line.startswith("STEP")]
@@ -84,6 +90,16 @@ def test_nonfinite_step_is_skipped_with_parameters_and_optimizer_untouched(tmp_p
     assert skipped and unchanged
     assert steps[2][2] == global_steps  # no optimizer step was taken
     assert not steps[4][0] and not steps[4][1] and steps[4][2] == global_steps + 1
+
+
+def test_nonfinite_later_micro_batch_skips_the_accumulated_step(tmp_path):
+    """GPU recipes accumulate (grad_accum from engine.global_batch_tokens): a NaN in the second
+    micro-batch, after the first one's gradients were accumulated, still only skips that step."""
+    steps, out = run_script(tmp_path, "3", grad_accum=2)
+    skipped, unchanged, _ = steps[3]
+    assert skipped and unchanged, out
+    assert "STEP 3 True True 3 1" in out  # DeepSpeed counted the step and skipped it
+    assert not steps[4][0] and not steps[4][1]  # training goes on
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):

@@ -318,6 +318,19 @@ def outside_forward(engine: Any) -> Iterator[None]:
             module._parameters._in_forward = False
 
 
+def skips_nonfinite_steps(engine: Any) -> bool:
+    """Whether the optimizer checks the accumulated gradients for inf/NaN at the step boundary
+    and skips that step (parameters, optimizer state and LR schedule untouched; counted in
+    `skipped_steps`): DeepSpeed 0.19's ZeRO 1-3 optimizers do (ZeRO-2 tested in
+    tests/test_health.py), the ZeRO-0 path does not."""
+    return engine.zero_optimization_stage() >= 1
+
+
+def skipped_steps(engine: Any) -> int:
+    """Optimizer steps DeepSpeed skipped for non-finite gradients so far."""
+    return int(engine.skipped_steps)
+
+
 def current_lr(engine: Any) -> float:
     return float(engine.get_lr()[0])
 
