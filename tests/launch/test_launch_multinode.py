@@ -5,6 +5,7 @@ size, one thread per rank)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -121,7 +122,9 @@ def test_crash_loop_gives_up_with_the_last_error(demo_corpus, baseline, tmp_path
     assert (ckpts / "latest").read_text() == latest
 
 
-def test_sigterm_reaches_the_ranks_which_save(demo_corpus, tmp_path):
+def test_sigusr1_reaches_the_ranks_which_save_and_ask_for_a_requeue(demo_corpus, tmp_path):
+    """SIGUSR1 (SLURM's warning before the time limit; SIGTERM takes the same path without the
+    marker) to `mmtrain launch`: every rank saves and exits; rank 0 leaves RUN/requeue.json."""
     proc = start(demo_corpus, tmp_path, "stopped", "--nproc-per-node", "2",
                  overrides=("train.steps=500", "train.ckpt_every=0"))
     metrics = tmp_path / "stopped" / "metrics.jsonl"
@@ -130,13 +133,16 @@ def test_sigterm_reaches_the_ranks_which_save(demo_corpus, tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
     ranks = rank_pids(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    _, err = finish(proc, expect=128 + signal.SIGTERM, timeout=120)
-    assert "stopped by SIGTERM" in err
+    proc.send_signal(signal.SIGUSR1)
+    _, err = finish(proc, expect=128 + signal.SIGUSR1, timeout=120)
+    assert "stopped by SIGUSR1" in err
     assert not [p for p in ranks if Path(f"/proc/{p}").exists()], "a rank outlived the launcher"
     (ckpt,) = committed_steps(tmp_path / "stopped" / "checkpoints")[:1]
     verify(ckpt)
-    assert 2 <= int(ckpt.name.split("_")[1]) < 500
+    step = int(ckpt.name.split("_")[1])
+    assert 2 <= step < 500
+    marker = json.loads((tmp_path / "stopped" / "requeue.json").read_text())
+    assert (marker["step"], marker["signal"]) == (step, "SIGUSR1")
 
 
 def test_world_size_changes_through_launch(demo_corpus, tmp_path):

@@ -136,3 +136,16 @@ def test_cuda_jobs_request_their_gpus_and_cpus():
         plan_for(["--slurm", "--gpus-per-node", "8"], [*CFG, "launch.device=cpu"])
     with pytest.raises(ValueError, match="--nproc-per-node 8 exceeds --gpus-per-node 4"):
         plan_for(["--slurm", "--gpus-per-node", "4", "--nproc-per-node", "8"], cfg)
+
+
+def test_only_rank_0_and_only_sigusr1_ask_for_a_requeue(tmp_path):
+    import json
+    import signal
+
+    from mmtrain.requeue import after_preemption_save
+
+    assert after_preemption_save(tmp_path, rank=0, signum=signal.SIGTERM, step=5) is None
+    assert after_preemption_save(tmp_path, rank=1, signum=signal.SIGUSR1, step=5) is None
+    assert not list(tmp_path.iterdir())
+    path = after_preemption_save(tmp_path, rank=0, signum=signal.SIGUSR1, step=5)
+    assert path == tmp_path / "requeue.json" and json.loads(path.read_text())["step"] == 5
