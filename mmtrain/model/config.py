@@ -24,7 +24,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     activation_checkpointing: bool = False
-    kernels: str = "auto"  # auto (Triton on CUDA, reference on CPU) | triton | reference
+    kernels: str = "auto"  # auto (per-case fastest correct on CUDA, reference on CPU) | triton | reference
     # Modality encoders (their geometry is what the loader decodes to).
     image_size: int = 32
     patch_size: int = 8
