@@ -195,6 +195,10 @@ def _layout(plan: plans.LaunchPlan) -> str:
 
 
 def _global_batch(plan: plans.LaunchPlan, global_batch: int) -> str:
+    if plan.min_nodes:
+        raise ValueError(f"--global-batch fixes engine.grad_accum for {plan.world} ranks, but with "
+                         f"--nnodes {plan.min_nodes}:{plan.nnodes} a restart may have fewer: give a "
+                         "fixed --nnodes, or set engine.grad_accum")
     accum = preflight.global_batch_accum(global_batch, world=plan.world,
                                          micro_batch=plan.cfg.data.micro_batch_size)
     engine = dataclasses.replace(plan.cfg.engine, grad_accum=accum)

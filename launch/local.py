@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from launch.environment import flight_recorder
 from mmtrain.config import RunConfig, save_config
 from mmtrain.distributed.deepspeed import resolve_backend
 
@@ -96,6 +97,8 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     if kind == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    else:  # NCCL flight recorder, as `mmtrain launch` sets it (unless set in this shell)
+        env.update(flight_recorder(str(run_dir.resolve() / "logs"), dict(os.environ)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "mmtrain.train",

@@ -361,6 +361,10 @@ def describe(plan: LaunchPlan) -> str:
     if plan.max_restarts:
         out.append(f"restarts: up to {plan.max_restarts}, each resuming from the newest committed "
                    "checkpoint")
+    if plan.min_nodes:
+        out.append(f"elastic: {plan.min_nodes} to {plan.nnodes} nodes; a restart goes on with the "
+                   f"nodes that rejoin (at least {plan.min_nodes}), and the ranks convert the "
+                   "checkpoint to the new world size")
     if plan.mode == "slurm":
         out += [f"sbatch script ({plan.launch_dir / 'slurm.sbatch'}):", "",
                 render_slurm_script(plan)]

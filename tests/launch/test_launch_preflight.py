@@ -239,3 +239,14 @@ def test_a_mix_replaces_data_train(capsys, demo_corpus, tmp_path):
     preflight_fails(capsys, tmp_path, args, f"data.mix.{missing}={str(missing)!r}:")
     with pytest.raises(ValueError, match=f"data.mix.{missing}='{missing}': no dataset.json"):
         ensure_demo_data(load_config(None, [o for o in args if o != "--set"]))
+
+
+def test_elastic_dry_run_and_a_fixed_global_batch(capsys, demo_corpus, tmp_path):
+    args = [*tiny_args(demo_corpus, tmp_path / "runs", "r"), "--nnodes", "1:2", "--node-rank", "0",
+            "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    assert launch_main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--nnodes 1:2" in out and "elastic: 1 to 2 nodes" in out
+    assert "restarts: up to 3" in out  # several nodes: restarts by default
+    preflight_fails(capsys, tmp_path, [*args, "--global-batch", "4"],
+                    "--global-batch fixes engine.grad_accum for 2 ranks, but with --nnodes 1:2")
