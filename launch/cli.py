@@ -147,7 +147,10 @@ def run_preflight(plan: plans.LaunchPlan, args: argparse.Namespace, *, dry_run: 
     report.check(lambda: preflight.check_tokenizer(cfg.data.tokenizer))
     if args.global_batch is not None:
         report.check(lambda: _global_batch(plan, args.global_batch))
-    report.check(lambda: preflight.global_batch_tokens(plan.cfg, plan.world))
+    per_node = plan.world // plan.nnodes
+    report.check(lambda: preflight.global_batch_tokens(  # an elastic restart may have fewer nodes
+        plan.cfg, plan.world, fewer=tuple(n * per_node for n in range(plan.min_nodes or plan.nnodes,
+                                                                      plan.nnodes))))
     if builds_demo:
         report.notes.append(f"the demo corpus will be built in {Path(cfg.data.train).parent}")
     else:

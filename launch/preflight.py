@@ -115,9 +115,16 @@ def check_layout(*, num_shards: int, num_streams: int, world: int, workers: int,
     loader_layout(num_shards, num_streams, world * max(1, workers), what)
 
 
-def global_batch_tokens(cfg: RunConfig, world: int) -> str:
+def global_batch_tokens(cfg: RunConfig, world: int, *, fewer: tuple[int, ...] = ()) -> str:
     """Tokens per optimizer step on `world` ranks (grad_accum derived from
-    engine.global_batch_tokens when set; a ValueError naming the keys when it does not divide)."""
+    engine.global_batch_tokens when set; a ValueError naming the keys when it does not divide).
+    `fewer`: the smaller world sizes an elastic restart may have; the global batch must divide
+    on each of them too (the ranks derive grad_accum again at every start)."""
+    for smaller in fewer:
+        try:
+            cfg.engine_for(smaller)
+        except ValueError as e:
+            raise ValueError(f"{e} (an elastic restart may run on {smaller} ranks)") from None
     return cfg.global_batch_summary(world)
 
 

@@ -121,3 +121,20 @@ def test_the_loader_pins_batches_bound_for_a_gpu(monkeypatch, demo_corpus):
         loader = ShardLoader(cfg.data, spec=cfg.model.media(), tokenizer=tok, rank=0, world_size=1,
                              pin_memory=pin)
         assert loader._dataloader().pin_memory is pin
+
+
+def test_an_elastic_launch_checks_the_global_batch_on_fewer_nodes(capsys, demo_corpus, tmp_path):
+    from launch.cli import main as launch_main
+    from launch.local import free_port
+    from tests.launch.conftest import tiny_args
+
+    args = [*tiny_args(demo_corpus, tmp_path / "runs", "r"), "--nnodes", "2:3", "--node-rank", "0",
+            "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--dry-run"]
+    # 6144 tokens = 3 ranks × 2 × 256 × 4: also 2 ranks × 2 × 256 × 6
+    assert launch_main([*args, "--set", "engine.global_batch_tokens=6144"]) == 0
+    assert "global batch 6,144 tokens = 3 ranks" in capsys.readouterr().out
+    # 1536 tokens = 3 ranks × 2 × 256 × 1, but not a multiple of 2 ranks × 2 × 256 = 1024
+    assert launch_main([*args, "--set", "engine.global_batch_tokens=1536"]) == 2
+    captured = capsys.readouterr()
+    assert ("engine.global_batch_tokens=1536 is not a multiple of 2 ranks" in captured.out + captured.err
+            and "an elastic restart may run on 2 ranks" in captured.out + captured.err)
