@@ -114,6 +114,7 @@ def test_unreadable_shards_in_a_row_stop_with_an_error_naming_the_shard(demo_cor
 
 def test_running_out_of_file_descriptors_names_the_cause(demo_corpus):
     cfg = make_cfg(demo_corpus / "train")
+    keys_of(cfg, 1)  # imports everything a batch needs (an import needs descriptors too)
     ld = ShardLoader(cfg, spec=SPEC, tokenizer=TOK, rank=0, world_size=1)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))
@@ -171,3 +172,18 @@ def test_a_missing_backend_names_the_install_command():
         pytest.skip("gcsfs is installed here: the extra is not missing")
     with pytest.raises(ValueError, match=r"gs://.*pip install -e '\.\[gcs\]'"):
         storage.read_bytes("gs://bucket/ds/dataset.json")
+
+
+def test_a_resume_inside_a_shuffle_group_seeks_and_continues_exactly(demo_corpus):
+    import numpy as np
+
+    cfg = make_cfg(demo_corpus / "train", shuffle_shards=2, shuffle_buffer=16)
+    s = _stream(cfg)
+    slices = s.plan.slices(0, 0)[:2]
+    straight = [(k, raw["__key__"]) for k, _, raw in s._group_samples(0, 0, slices, 0)]
+    start = len(straight) // 2
+    rng = np.random.default_rng([cfg.seed, 0, 0, 0])
+    assert _stream(cfg)._seek_group(rng, slices, start) is not None  # seeks, no re-read
+    resumed = [(k, raw["__key__"]) for k, _, raw in _stream(cfg)._group_samples(0, 0, slices,
+                                                                                 start)]
+    assert resumed == straight[start:]
