@@ -59,6 +59,10 @@ class ShardIO:
             raise ShardUnreadable(f"{url}: offset {offset} is past its end ({size} bytes)")
         return ShardStream(self, url, size, offset)
 
+    def size(self, url: str) -> int:
+        """A shard's size in bytes (with retries)."""
+        return self._retry(lambda: self._size(url), url, "size")
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
