@@ -245,3 +245,31 @@ def test_a_rank_killed_on_one_node_restarts_both_nodes(demo_corpus, baseline, tm
     assert 2 <= step < STEPS and sorted(got) == list(range(1, STEPS + 1))
     for s in range(step + 1, STEPS + 1):
         assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
+
+
+def test_an_elastic_job_goes_on_without_a_lost_node(demo_corpus, tmp_path):
+    """--nnodes 1:2 and node 1 lost for good (its launcher, agent and rank killed): node 0's job
+    restarts alone, the ranks convert the 2-rank checkpoint to 1 rank, and the run finishes."""
+    port = free_port()
+    common = ("--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+              "--monitor-interval", "0.5")
+    node1 = start(demo_corpus, tmp_path, "elastic", *common, "--node-rank", "1")
+    time.sleep(1)
+    node0 = start(demo_corpus, tmp_path, "elastic", *common, "--node-rank", "0")
+    run = tmp_path / "elastic"
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (latest.is_file() and latest.read_text().strip() >= "step_00000002"):
+        assert node0.poll() is None and node1.poll() is None and time.monotonic() < deadline, \
+            "no checkpoint was committed"
+        time.sleep(0.02)
+    for pid in [node1.pid, *descendants(node1.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    node1.communicate()
+    finish(node0)
+
+    log = (run / "logs" / "rank_0.log").read_text()
+    assert "resharding through a universal checkpoint" in log
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
+    final = json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "MANIFEST.json").read_text())
+    assert final["world_size"] == 1
