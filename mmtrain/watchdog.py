@@ -19,6 +19,7 @@ they wait in, and the NCCL flight recorder (set up by `mmtrain launch`) shows th
 from __future__ import annotations
 
 import faulthandler
+import io
 import logging
 import os
 import signal
@@ -52,7 +53,10 @@ class Watchdog:
             _active.stop()
         _active = self
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        faulthandler.enable(file=sys.stderr, all_threads=True)
+        try:
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr without a fileno
+            faulthandler.enable(file=sys.__stderr__, all_threads=True)
         self._sigusr2_file = open(self.log_dir / f"stacks_rank_{self.rank}_sigusr2.txt", "a")
         faulthandler.register(signal.SIGUSR2, file=self._sigusr2_file, all_threads=True,
                               chain=False)

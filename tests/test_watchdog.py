@@ -45,3 +45,7 @@ def test_sigusr2_appends_stacks_even_without_the_timer(tmp_path):
     finally:
         dog.stop()
     assert not list(tmp_path.glob("stacks_rank_0_2*.txt"))
+
+
+def test_starts_under_a_captured_stderr(tmp_path, capsys):
+    Watchdog(tmp_path, rank=0, hang_seconds=0).start(step=0).stop()  # sys.stderr has no fileno
