@@ -64,7 +64,7 @@ def get_backend(device: torch.device | str) -> str:
 
 def _resolve(op: str, device: torch.device) -> str:
     backend = get_backend(device)
-    if op not in _logged_ops:
+    if op not in _logged_ops and not torch.compiler.is_compiling():  # no logging inside a trace
         _logged_ops.add(op)
         shown = "per-case choice" if op == "attention" and _backend == "auto" and backend == "triton" else backend
         logger.info("kernel %s: %s backend (requested %r, device %s)", op, shown, _backend, device.type)
@@ -93,8 +93,12 @@ def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> int | None:
             f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
     # Checking the values needs them on the host: do it when that is free (CPU cu_seqlens) or when
-    # we must sync anyway to find max_seqlen. On CUDA with max_seqlen given, no sync per call.
-    if cu_seqlens.device.type == "cpu" or max_seqlen is None:
+    # we must sync anyway to find max_seqlen. On CUDA with max_seqlen given, no sync per call;
+    # under torch.compile never (a data-dependent branch), so max_seqlen must be given there.
+    if torch.compiler.is_compiling():
+        if max_seqlen is None:
+            raise ValueError("attention under torch.compile needs max_seqlen (the longest document)")
+    elif cu_seqlens.device.type == "cpu" or max_seqlen is None:
         bounds = cu_seqlens.tolist()  # sync on CUDA
         if bounds[0] != 0 or bounds[-1] != N:
             raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens={N}; got {bounds[0]} .. {bounds[-1]}")
@@ -123,7 +127,7 @@ def attention(
     """
     max_seqlen = _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
     backend = _resolve("attention", q.device)
-    if backend == "triton" and _backend == "auto":  # CUDA: the per-case choice
+    if backend == "triton" and _backend == "auto" and not torch.compiler.is_compiling():  # CUDA: the per-case choice
         case = attention_case(q, k, cu_seqlens, causal, max_seqlen)
         backend = _attention_tuner().pick(case, q, k, v, cu_seqlens, causal, max_seqlen)
     return _ATTENTION_IMPLS[backend](q, k, v, cu_seqlens, causal, max_seqlen)
@@ -223,7 +227,7 @@ def linear_cross_entropy(
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [{hidden.shape[0]}], got {tuple(targets.shape)}")
-    # The chunked matmul runs inside an autograd.Function, which autocast does not reach: apply
+    # The chunked matmul runs inside an autograd.Function / custom op, which autocast does not reach: apply
     # autocast's dtype here (the casts are differentiable), otherwise insist on one dtype.
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)

@@ -1,7 +1,9 @@
 """Linear + cross-entropy, chunked over rows so the full [N, V] logits never exist at once.
 
-The autograd.Function is shared by both backends; only the per-chunk "logits -> loss and grad of
-logits" step differs (PyTorch in reference.py, a Triton kernel in cross_entropy.py).
+The chunk loop (_chunked_loss_and_grads) is shared by both backends; only the per-chunk "logits ->
+loss and grad of logits" step differs (PyTorch in reference.py, a Triton kernel in cross_entropy.py).
+The reference goes through the autograd.Function below, the Triton backend through custom ops in
+cross_entropy.py (so torch.compile does not trace into the Triton launches).
 
 Shape legend: N = rows (tokens), D = hidden dim, V = vocabulary, C = rows in one chunk.
 

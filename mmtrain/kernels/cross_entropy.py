@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked_ce import linear_cross_entropy_chunked
+from .chunked_ce import _chunked_loss_and_grads, _mean_denominator, default_chunk_rows
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -88,8 +88,86 @@ def cross_entropy_chunk_(
     return loss_C, (logits_CV if has_grad else None)
 
 
+# The chunked loop as custom ops (torch.library), so torch.compile keeps the Triton launches and
+# the chunk loop opaque (see flash_attention.py). Same math as chunked_ce.LinearCrossEntropyFunction,
+# which the reference backend uses: for "mean"/"sum" the gradients are computed in the forward and
+# scaled in the backward; for "none" the backward recomputes the logits chunk by chunk. Gradients
+# that are not needed come back as empty tensors (a custom op cannot return None).
+
+
+@torch.library.custom_op("mmtrain::linear_cross_entropy_fwd", mutates_args=())
+def _fwd_op(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, ignore_index: int,
+            reduction: str, need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chunk_rows = default_chunk_rows(weight_VD.shape[0])
+    if reduction == "none" or not (need_h or need_w):
+        loss_N, _, _ = _chunked_loss_and_grads(hidden_ND, weight_VD, targets_N, ignore_index, None, False, False,
+                                               cross_entropy_chunk_, chunk_rows)  # fmt: skip
+        loss = loss_N if reduction == "none" else loss_N.sum() / _mean_denominator(targets_N, ignore_index, reduction)
+        return loss, hidden_ND.new_empty(0), weight_VD.new_empty(0)
+    denom = _mean_denominator(targets_N, ignore_index, reduction)
+    grad_scale_N = (1.0 / denom).expand(hidden_ND.shape[0])
+    loss_N, grad_h, grad_w = _chunked_loss_and_grads(hidden_ND, weight_VD, targets_N, ignore_index, grad_scale_N,
+                                                     need_h, need_w, cross_entropy_chunk_, chunk_rows)  # fmt: skip
+    empty_h, empty_w = hidden_ND.new_empty(0), weight_VD.new_empty(0)
+    return loss_N.sum() / denom, grad_h if grad_h is not None else empty_h, grad_w if grad_w is not None else empty_w
+
+
+@_fwd_op.register_fake
+def _(hidden_ND, weight_VD, targets_N, ignore_index, reduction, need_h, need_w):
+    N = hidden_ND.shape[0]
+    loss = hidden_ND.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    with_grads = reduction != "none" and (need_h or need_w)
+    grad_h = torch.empty_like(hidden_ND) if with_grads and need_h else hidden_ND.new_empty(0)
+    grad_w = torch.empty_like(weight_VD) if with_grads and need_w else weight_VD.new_empty(0)
+    return loss, grad_h, grad_w
+
+
+@torch.library.custom_op("mmtrain::linear_cross_entropy_bwd_none", mutates_args=())
+def _bwd_none_op(grad_N: torch.Tensor, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                 ignore_index: int, need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _, grad_h, grad_w = _chunked_loss_and_grads(hidden_ND, weight_VD, targets_N, ignore_index, grad_N.float(), need_h,
+                                                need_w, cross_entropy_chunk_, default_chunk_rows(weight_VD.shape[0]))
+    return (grad_h if grad_h is not None else hidden_ND.new_empty(0),
+            grad_w if grad_w is not None else weight_VD.new_empty(0))  # fmt: skip
+
+
+@_bwd_none_op.register_fake
+def _(grad_N, hidden_ND, weight_VD, targets_N, ignore_index, need_h, need_w):
+    return (torch.empty_like(hidden_ND) if need_h else hidden_ND.new_empty(0),
+            torch.empty_like(weight_VD) if need_w else weight_VD.new_empty(0))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    hidden_ND, weight_VD, targets_N, ignore_index, reduction, need_h, need_w = inputs
+    ctx.reduction, ctx.ignore_index, ctx.need = reduction, ignore_index, (need_h, need_w)
+    if reduction == "none":
+        ctx.save_for_backward(hidden_ND, weight_VD, targets_N)
+    else:
+        ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_h, _grad_w):
+    need_h, need_w = ctx.need
+    if ctx.reduction == "none":
+        hidden_ND, weight_VD, targets_N = ctx.saved_tensors
+        grad_h, grad_w = _bwd_none_op(grad_loss, hidden_ND, weight_VD, targets_N, ctx.ignore_index, need_h, need_w)
+    else:
+        grad_h, grad_w = ctx.saved_tensors
+        # grad_loss is a 0-d tensor: multiply on device, no sync.
+        grad_h, grad_w = grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype)
+    return (grad_h if need_h else None, grad_w if need_w else None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
 ) -> torch.Tensor:
     """Triton-backed linear cross-entropy; inputs are validated by mmtrain.kernels."""
-    return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, reduction, cross_entropy_chunk_)
+    need_h = hidden.requires_grad and torch.is_grad_enabled()
+    need_w = weight.requires_grad and torch.is_grad_enabled()
+    # contiguous: the gradient of hidden is written chunk by chunk into row slices
+    loss, _, _ = _fwd_op(hidden.contiguous(), weight, targets, ignore_index, reduction, need_h, need_w)
+    return loss

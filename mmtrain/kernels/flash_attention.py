@@ -338,7 +338,7 @@ def _bwd_dkv_kernel(
     tl.store(dv_ptr + kv_offsets, dv_TD.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-# ------------------------------------------------------------------------------------ autograd + entry
+# ---------------------------------------------------------------------------- custom ops + entry
 
 
 def _attention_forward(q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen):
@@ -386,24 +386,50 @@ def _attention_backward(do_NHD, q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens, 
     return dq_NHD, dk_NKD, dv_NKD
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen):
-        # Contiguous [N, heads, D]: the kernels assume unit stride over D, and the backward reuses
-        # q's strides for do/dq and k's for v/dk/dv.
-        q_NHD, k_NKD, v_NKD = q_NHD.contiguous(), k_NKD.contiguous(), v_NKD.contiguous()
-        o_NHD, lse_HN = _attention_forward(q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen)
-        ctx.save_for_backward(q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens)
-        ctx.causal, ctx.max_seqlen = causal, max_seqlen
-        return o_NHD
+# Custom ops (torch.library), not an autograd.Function: torch.compile treats them as opaque calls
+# with known output shapes (the fake implementations) instead of tracing into the Triton launches,
+# whose autotuner (prune_configs_by) and grid lambdas it does not support.
 
-    @staticmethod
-    def backward(ctx, do_NHD):
-        q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(
-            do_NHD.contiguous(), q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens, ctx.causal, ctx.max_seqlen
-        )
-        return dq, dk, dv, None, None, None
+
+@torch.library.custom_op("mmtrain::flash_attention_fwd", mutates_args=())
+def _fwd_op(q_NHD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor, cu_seqlens: torch.Tensor,
+            causal: bool, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen)
+
+
+@_fwd_op.register_fake
+def _(q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen):
+    N, H, _ = q_NHD.shape
+    return torch.empty_like(q_NHD), q_NHD.new_empty((H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmtrain::flash_attention_bwd", mutates_args=())
+def _bwd_op(do_NHD: torch.Tensor, q_NHD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor,
+            o_NHD: torch.Tensor, lse_HN: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+            max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(do_NHD.contiguous(), q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens, causal, max_seqlen)
+
+
+@_bwd_op.register_fake
+def _(do_NHD, q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens, causal, max_seqlen):
+    return torch.empty_like(q_NHD), torch.empty_like(k_NKD), torch.empty_like(v_NKD)
+
+
+def _setup_context(ctx, inputs, output):
+    q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen = inputs
+    o_NHD, lse_HN = output
+    ctx.save_for_backward(q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens)
+    ctx.causal, ctx.max_seqlen = causal, max_seqlen
+    ctx.mark_non_differentiable(lse_HN)
+
+
+def _backward(ctx, do_NHD, dlse_HN):
+    q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do_NHD, q_NHD, k_NKD, v_NKD, o_NHD, lse_HN, cu_seqlens, ctx.causal, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q_NHD, k_NKD, v_NKD, cu_seqlens, causal: bool, max_seqlen: int) -> torch.Tensor:
@@ -421,4 +447,7 @@ def flash_attention(q_NHD, k_NKD, v_NKD, cu_seqlens, causal: bool, max_seqlen: i
         raise ValueError(f"Triton attention supports at most 65535 documents per call, got {cu_seqlens.numel() - 1}")
     if max_seqlen == 0:
         return torch.empty_like(q_NHD)
-    return FlashAttentionFunction.apply(q_NHD, k_NKD, v_NKD, cu_seqlens, causal, max_seqlen)
+    # Contiguous [N, heads, D]: the kernels assume unit stride over D, and the backward reuses
+    # q's strides for do/dq and k's for v/dk/dv.
+    o_NHD, _ = _fwd_op(q_NHD.contiguous(), k_NKD.contiguous(), v_NKD.contiguous(), cu_seqlens, causal, max_seqlen)
+    return o_NHD

@@ -72,49 +72,76 @@ def _backward_programs(rows: int, device: torch.device) -> int:
     return min(rows, 4)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        D = x.shape[-1]
-        x_RD = x.reshape(-1, D)
-        if x_RD.stride(-1) != 1:
-            x_RD = x_RD.contiguous()
-        R = x_RD.shape[0]
-        y_RD = torch.empty((R, D), dtype=x.dtype, device=x.device)
-        rstd_R = torch.empty(R, dtype=torch.float32, device=x.device)
-        block_d = triton.next_power_of_2(D)
-        if R > 0:
-            _rms_norm_fwd_kernel[(R,)](
-                x_RD, weight, y_RD, rstd_R, x_RD.stride(0), y_RD.stride(0), D, eps,
-                BLOCK_D=block_d, num_warps=_num_warps(block_d),
-            )  # fmt: skip
-        ctx.save_for_backward(x_RD, weight, rstd_R)
-        return y_RD.view(x.shape)
+# Custom ops (torch.library) rather than an autograd.Function, so torch.compile keeps the Triton
+# launches opaque (see flash_attention.py).
 
-    @staticmethod
-    def backward(ctx, dy):
-        x_RD, weight, rstd_R = ctx.saved_tensors
-        R, D = x_RD.shape
-        dy_RD = dy.reshape(-1, D)
-        if dy_RD.stride(-1) != 1:
-            dy_RD = dy_RD.contiguous()
-        dx_RD = torch.empty_like(x_RD)
-        P = max(1, _backward_programs(R, x_RD.device))
-        rows_per_program = triton.cdiv(R, P)
-        dw_partial_PD = torch.zeros((P, D), dtype=torch.float32, device=x_RD.device)
-        block_d = triton.next_power_of_2(D)
-        if R > 0:
-            _rms_norm_bwd_kernel[(P,)](
-                dy_RD, x_RD, weight, rstd_R, dx_RD, dw_partial_PD,
-                dy_RD.stride(0), x_RD.stride(0), dx_RD.stride(0), R, D, rows_per_program,
-                BLOCK_D=block_d, num_warps=_num_warps(block_d),
-            )  # fmt: skip
-        dw = dw_partial_PD.sum(0).to(weight.dtype)
-        return dx_RD.view(dy.shape), dw, None
+
+@torch.library.custom_op("mmtrain::rms_norm_fwd", mutates_args=())
+def _fwd_op(x_RD: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_RD [R, D] with unit stride over D -> (y [R, D], rstd [R] fp32)."""
+    R, D = x_RD.shape
+    y_RD = torch.empty((R, D), dtype=x_RD.dtype, device=x_RD.device)
+    rstd_R = torch.empty(R, dtype=torch.float32, device=x_RD.device)
+    block_d = triton.next_power_of_2(D)
+    if R > 0:
+        _rms_norm_fwd_kernel[(R,)](
+            x_RD, weight, y_RD, rstd_R, x_RD.stride(0), y_RD.stride(0), D, eps,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )  # fmt: skip
+    return y_RD, rstd_R
+
+
+@_fwd_op.register_fake
+def _(x_RD, weight, eps):
+    return torch.empty_like(x_RD, memory_format=torch.contiguous_format), x_RD.new_empty(x_RD.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("mmtrain::rms_norm_bwd", mutates_args=())
+def _bwd_op(dy_RD: torch.Tensor, x_RD: torch.Tensor, weight: torch.Tensor, rstd_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    R, D = x_RD.shape
+    if dy_RD.stride(-1) != 1:
+        dy_RD = dy_RD.contiguous()
+    dx_RD = torch.empty_like(x_RD)
+    P = max(1, _backward_programs(R, x_RD.device))
+    rows_per_program = triton.cdiv(R, P)
+    dw_partial_PD = torch.zeros((P, D), dtype=torch.float32, device=x_RD.device)
+    block_d = triton.next_power_of_2(D)
+    if R > 0:
+        _rms_norm_bwd_kernel[(P,)](
+            dy_RD, x_RD, weight, rstd_R, dx_RD, dw_partial_PD,
+            dy_RD.stride(0), x_RD.stride(0), dx_RD.stride(0), R, D, rows_per_program,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )  # fmt: skip
+    return dx_RD, dw_partial_PD.sum(0).to(weight.dtype)
+
+
+@_bwd_op.register_fake
+def _(dy_RD, x_RD, weight, rstd_R):
+    return torch.empty_like(x_RD), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x_RD, weight, _ = inputs
+    ctx.save_for_backward(x_RD, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy_RD, drstd_R):
+    x_RD, weight, rstd_R = ctx.saved_tensors
+    dx_RD, dw = _bwd_op(dy_RD, x_RD, weight, rstd_R)
+    return dx_RD, dw, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Triton RMSNorm; inputs are validated by mmtrain.kernels.rms_norm."""
     if triton.next_power_of_2(x.shape[-1]) > 65536:
         raise ValueError(f"Triton rms_norm keeps one row in registers; dim {x.shape[-1]} is too large")
-    return RMSNormFunction.apply(x, weight.contiguous(), eps)
+    D = x.shape[-1]
+    x_RD = x.reshape(-1, D)
+    if x_RD.stride(-1) != 1:
+        x_RD = x_RD.contiguous()
+    y_RD, _ = _fwd_op(x_RD, weight.contiguous(), eps)
+    return y_RD.view(x.shape)
