@@ -5,6 +5,7 @@
 #   benchmarks/gpu.sh --dry-run DIR        # CPU, Triton interpreter, toy sizes, same code
 #   benchmarks/gpu.sh DIR --stages a,b     # a subset: env correctness attention doc_attention
 #                                          # dispatch rmsnorm cross_entropy train e2e
+#   benchmarks/gpu.sh DIR --stages e2e --e2e-runs 125m-zero2,125m-zero2-compile   # some e2e runs
 #
 # Each stage writes DIR/<stage>.json when it finishes; DIR/summary.md is written and printed last.
 # Exit status 1 when a stage failed (an error, or outputs outside the stated tolerance), 2 when

@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes")
     parser.add_argument("--stages", default=",".join(name for name, _ in STAGES), help="comma-separated subset")
+    parser.add_argument("--e2e-runs", default="", help="comma-separated subset of the e2e stage's runs (default: all)")
     args = parser.parse_args(argv)
     wanted = args.stages.split(",")
     unknown = sorted(set(wanted) - {name for name, _ in STAGES})
@@ -494,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
               "see docs/benchmarks.md) or install them", file=sys.stderr, flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     s = make_settings(args.out_dir, args.dry_run)
+    if args.e2e_runs:
+        known = {run.name: run for run in s.e2e_runs}
+        chosen = args.e2e_runs.split(",")
+        if set(chosen) - set(known):
+            parser.error(f"unknown e2e run(s) {', '.join(sorted(set(chosen) - set(known)))}; known: {', '.join(known)}")
+        s = dataclasses.replace(s, e2e_runs=tuple(known[name] for name in chosen))
     results, started = {}, time.perf_counter()
     for name, fn in STAGES:
         if name in missing:

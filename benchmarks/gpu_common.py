@@ -26,6 +26,7 @@ class E2ERun:
     first_steps: int  # steps of the first invocation (checkpointed at its end)
     total_steps: int  # the resumed invocation trains to here
     overrides: tuple[str, ...] = ()
+    compare_with: str | None = None  # another run's name: report this run's tokens/s relative to it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,9 @@ _GPU_E2E = (
            overrides=_GPU_BATCH),
     E2ERun(name="1b-zero3", config="configs/1b.yaml", preset="1b", zero_stage=3, first_steps=8, total_steps=14,
            overrides=_GPU_BATCH),
+    # train.compile's effect; last, so it runs only when the budget allows (or alone: --e2e-runs)
+    E2ERun(name="125m-zero2-compile", config="configs/125m.yaml", preset="125m", zero_stage=2, first_steps=10,
+           total_steps=20, overrides=_GPU_BATCH + ("train.compile=true",), compare_with="125m-zero2"),
 )  # fmt: skip
 _DRY_E2E = (
     E2ERun(name="tiny-zero2", config="configs/tiny.yaml", preset="tiny", zero_stage=2, first_steps=2, total_steps=3,

@@ -172,9 +172,10 @@ def train_and_resume(run: E2ERun, s: Settings, e2e_dir: Path, deadline: Deadline
             tail = (e2e_dir / f"{run.name}.{label}.log").read_text()[-2000:]
             entry["failure"] = f"{label} invocation exited {rc}" + (" (timed out)" if rc == 124 else "")
             entry["log_tail"] = tail
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep the disk free for the next run
             return entry
     log = (e2e_dir / f"{run.name}.resume.log").read_text()
-    entry["resumed"] = f"resumed from" in log and f"step_{run.first_steps:08d}" in log
+    entry["resumed"] = "resumed from" in log and f"step_{run.first_steps:08d}" in log
     entry["checkpoint_gb"] = round(_dir_gb(run_dir / "checkpoints"), 2)
     entry["metrics"] = read_metrics(run_dir / "metrics.jsonl", run, s.e2e_warmup_steps)
     steps = entry["metrics"]["steps_logged"]
@@ -211,6 +212,11 @@ def stage_e2e(s: Settings, deadline: Deadline) -> dict:
             result["failures"].append(f"{run.name}: {entry['failure']}")
             print(f"  e2e {run.name}: FAILED: {entry['failure']}", flush=True)
             continue
+        other = result["runs"].get(run.compare_with or "", {}).get("metrics", {}).get("tokens_per_s")
+        if run.compare_with:
+            mine = entry["metrics"]["tokens_per_s"]
+            entry["vs_" + run.compare_with] = (mine / other if isinstance(other, float | int) and isinstance(mine, float | int)
+                                               else f"n/a ({run.compare_with} not measured in this run)")
         pure_tps = pure.get(run.preset, {}).get("tokens_per_s")
         entry["pure_loop_tokens_per_s"] = pure_tps if pure_tps else "n/a"
         entry["goals"] = goals_for(run, entry["metrics"], pure_tps)
@@ -252,6 +258,9 @@ def summary_lines(results: dict) -> list[str]:
             f"MFU executed {_fmt(m['mfu_executed'], '.1%')}",
             f"checkpoint blocking (worst save) {_fmt(m['ckpt_blocking_s'], '.2f')} s",
         ]
+        for key, value in entry.items():
+            if key.startswith("vs_"):
+                parts.append(f"tokens/s {key.replace('_', ' ', 1)}: {_fmt(value, '.2f')}" + ("x" if isinstance(value, float) else ""))
         if m["missing_keys"]:
             parts.append(f"not logged by the run: {', '.join(m['missing_keys'])}")
         lines.append(f"| e2e {name} (ZeRO-{entry['zero_stage']}, resumed at step {entry['steps'][0]}) | "

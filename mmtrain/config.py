@@ -47,6 +47,7 @@ class TrainConfig:
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (exit code 3)
     spike_z: float = 6.0  # flag a loss above mean + spike_z·std (0 disables)
     peak_tflops: float = 0.0  # per device, for MFU; 0: detect (known GPUs), not reported on CPU
+    compile: bool = False  # torch.compile each Transformer block (ZeRO 0-2); kernels stay custom ops
     # Hang diagnosis (mmtrain/watchdog.py): when no step completes for this long, every rank writes
     # its Python stacks to RUN/logs/stacks_rank_K_<time>.txt. Must be below engine.timeout_minutes
     # (the collective timeout ends the hang). Also longer than a step and a checkpoint save, or a
@@ -112,6 +113,9 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds "
                              f"model.max_seq_len={self.model.max_seq_len}")
+        if self.train.compile and self.engine.zero_stage == 3:
+            raise ValueError("train.compile=true needs engine.zero_stage <= 2: ZeRO-3 gathers "
+                             "parameters in module hooks, which compiled blocks are not tested with")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -71,6 +71,9 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                          f"{tokenizer.vocab_size} tokens ({cfg.data.tokenizer})")
     spec = cfg.model.media()
     model = ds.build_model(lambda: FusionTransformer(cfg.model), engine_cfg, device)
+    if cfg.train.compile:  # per block: parameter names, hence checkpoints, stay the same
+        for block in model.layers:
+            block.compile()
     engine, ds_json = ds.build_engine(model, engine_cfg, micro_batch_size=cfg.data.micro_batch_size,
                                       world_size=world, total_steps=cfg.train.steps,
                                       run_dir=run_dir)
