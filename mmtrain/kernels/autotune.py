@@ -152,7 +152,12 @@ class AttentionAutotuner:
         return winner
 
     def run_trials(self, case, q, k, v, cu_seqlens, causal, max_seqlen) -> list[Trial]:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
+        # The trials build and run their own small autograd graphs, detached from the caller's.
+        # Identity saved-tensor hooks: inside activation checkpointing (non-reentrant), the caller's
+        # hooks would otherwise drop the trials' saved tensors and try to recompute them.
+        keep = (lambda t: t, lambda t: t)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(q.device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(*keep):
             qkv = [t.detach().clone().requires_grad_() for t in (q, k, v)]
             gen = torch.Generator(device=q.device).manual_seed(0)
             do = torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype)

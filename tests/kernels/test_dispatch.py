@@ -103,3 +103,24 @@ def test_varlen_candidate_reports_why_it_cannot_run_and_adapts_to_the_signature(
     if varlen_unavailable("cpu").startswith("varlen_attn runs"):  # torch >= 2.10 installed
         kwargs = _varlen_keywords(causal=True, grouped=True)
         assert kwargs.get("is_causal") is True or kwargs.get("window_size") == (-1, 0)
+
+
+def test_autotuner_runs_inside_activation_checkpointing():
+    """The first call of a case can happen inside a checkpointed block (configs/1b.yaml): the
+    trials' own forward/backward must not disturb the block's recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    tuner = AttentionAutotuner({"ours": reference.attention}, reference=reference.attention, timer=lambda n, fn: 1.0)
+    q, k, v, cu, max_len = _inputs([5, 11, 16])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def block(q, k, v):
+        name = tuner.pick(CASE, q, k, v, cu, True, max_len)
+        return {"ours": reference.attention, "reference": reference.attention}[name](q, k, v, cu, True, max_len)
+
+    out = checkpoint(block, q, k, v, use_reentrant=False)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(reference.attention(q, k, v, cu, True).square().sum(), (q, k, v))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+    assert tuner.winners[CASE] == "ours"
