@@ -79,27 +79,24 @@ def read_manifest(directory: str | os.PathLike, columns: list[str] | None = None
     return table.to_pydict()
 
 
-def manifest_columns(directory: str | os.PathLike) -> list[str]:
+def sample_offsets(directory: str | os.PathLike) -> dict[str, list[int]] | None:
+    """{shard name: byte offsets of its samples in tar order}, or None for a manifest without
+    offsets. Read on one thread through a plain file object: a decode worker that starts Arrow's
+    thread pools aborts at exit ("terminate called without an active exception")."""
     import pyarrow.parquet as pq
 
     path = storage.join(directory, MANIFEST)
     try:
-        if storage.is_url(path):
-            fs, p = storage.filesystem(path)
-            with fs.open(p, "rb") as f:
-                return list(pq.read_schema(f).names)
-        return list(pq.read_schema(storage.local(path)).names)
+        with storage.open_read(path) as f:
+            manifest = pq.ParquetFile(f)
+            if "offset" not in manifest.schema_arrow.names:
+                return None
+            cols = manifest.read(columns=["shard", "offset"], use_threads=False).to_pydict()
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} cannot be read: {e}") from None
-
-
-def shard_offsets(directory: str | os.PathLike, shard: str) -> list[int] | None:
-    """Byte offsets of a shard's samples in tar order, or None for a manifest without them."""
-    if "offset" not in manifest_columns(directory):
-        return None
-    cols = read_manifest(directory, ["offset"], filters=[("shard", "==", shard)],
-                         threads=False)  # runs in decode workers (see read_manifest)
-    offsets = cols["offset"]
-    if any(o is None for o in offsets):
-        return None
-    return sorted(int(o) for o in offsets)  # tar order: the manifest itself is sorted by key
+    offsets: dict[str, list[int]] = {}
+    for shard, offset in zip(cols["shard"], cols["offset"]):
+        if offset is None:
+            return None
+        offsets.setdefault(shard, []).append(int(offset))
+    return {shard: sorted(o) for shard, o in offsets.items()}  # tar order (rows are by key)
