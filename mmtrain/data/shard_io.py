@@ -74,6 +74,12 @@ class ShardIO:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    def __del__(self) -> None:  # a consumer's generator dropped without close(): no fd leak
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
+
     def open_handles(self) -> int:
         return len(self._fds)
 
