@@ -105,6 +105,16 @@ def test_data_commands_read_and_write_object_storage(s3, demo_corpus, tmp_path, 
         in out
     assert storage.exists("s3://data/dedup/removed.jsonl")
 
+    # --overwrite with other options: the old dataset is withdrawn, then replaced.
+    before = {n for n in storage.listdir(url) if n.endswith(".tar")}
+    rc, out, err = cli(capsys, *build_args(demo_corpus, url)[:-5], "--max-samples", "200",
+                       "--workers", "1", "--no-progress", "--overwrite")
+    assert rc == 0, err
+    after = read_dataset_index(url)
+    assert {n for n in storage.listdir(url) if n.endswith(".tar")} == \
+        {s["name"] for s in after["shards"]} and len(after["shards"]) < len(before)
+    assert "0 problems" in cli(capsys, "verify", url)[1]
+
     # A remote output that holds a dataset is refused without --overwrite; http(s) is read-only.
     rc, _, err = cli(capsys, "split", url, "-o", "s3://data/split", "--val-fraction", "0.25")
     assert rc != 0 and "already holds a dataset" in err
