@@ -33,7 +33,7 @@ from mmtrain.distributed.collectives import Collectives
 from mmtrain.evaluate import evaluate
 from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag, StepFlags,
                             parameters_finite)
-from mmtrain.metrics import MetricsLogger
+from mmtrain.metrics import MetricsLogger, share_metrics
 from mmtrain.model import FusionTransformer, ModelConfig
 from mmtrain.requeue import after_preemption_save
 from mmtrain.watchdog import Watchdog
@@ -155,12 +155,14 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                           skipped_samples=float(loader.skipped), epoch=float(loader.epochs()))
             if blocked is not None:
                 values["ckpt_blocking_s"] = blocked
+            values.update(share_metrics(loader.share_names, coll.sum(loader.dataset_rows())))
             metrics.log(step, values)
             metrics.progress(step, values)
         if out.stop:
             log.info("preemption signal: saved step %d; exiting once it is committed", step)
             checkpointer.wait()
             after_preemption_save(run_dir, rank=rank, signum=preempt.signal, step=step)  # SLURM
+            loader.close()
             return {}
     result = run_eval(step) if val and step == cfg.train.steps else {}  # while the save is written
     checkpointer.wait()  # the last save is committed (this rank's part written) before exiting
@@ -169,6 +171,7 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         print(f"run directory: {run_dir}\ncheckpoint:    {run_dir / 'checkpoints' / latest}\n"
               f"tensorboard:   tensorboard --logdir {run_dir / 'tb'}", flush=True)
     watchdog.stop()
+    loader.close()  # stops the decode workers cleanly
     metrics.close()
     coll.barrier()
     return result
