@@ -270,9 +270,11 @@ def fd_exhaustion_message(what: str, e: BaseException) -> str:
 
 
 def with_retries(fn: Callable[[], T], *, what: str, retries: int, backoff: float,
-                 on_retry: Callable[[int, BaseException], None] | None = None) -> T:
+                 on_retry: Callable[[int, BaseException], None] | None = None,
+                 give_up: tuple[type[BaseException], ...] = ()) -> T:
     """fn() retried `retries` times on I/O errors, waiting backoff·2^k (±25% jitter, at most 60
-    s) between tries. Running out of file descriptors is not retried: it names its cause."""
+    s) between tries. Running out of file descriptors is not retried: it names its cause.
+    Errors of the `give_up` types are raised at once."""
     errors = io_errors()
     for attempt in range(retries + 1):
         try:
@@ -280,7 +282,7 @@ def with_retries(fn: Callable[[], T], *, what: str, retries: int, backoff: float
         except errors as e:
             if fd_exhaustion(e):
                 raise RuntimeError(fd_exhaustion_message(what, e)) from e
-            if attempt == retries:
+            if attempt == retries or isinstance(e, give_up):
                 raise
             if on_retry is not None:
                 on_retry(attempt + 1, e)

@@ -107,9 +107,13 @@ class ShardIO:
             log.warning("%s: %s failed (%s: %s); retry %d of %d", url, what, type(e).__name__,
                         e, attempt, self.retries)
 
+        # A local file that does not exist will not appear; a store's "not found" can be a
+        # transient error (fsspec's HTTP client reports a failed HEAD as FileNotFoundError).
+        give_up = () if storage.is_url(url) else (FileNotFoundError, IsADirectoryError,
+                                                  PermissionError)
         try:
             return storage.with_retries(fn, what=f"shard {url}", retries=self.retries,
-                                        backoff=self.backoff, on_retry=on_retry)
+                                        backoff=self.backoff, on_retry=on_retry, give_up=give_up)
         except storage.io_errors() as e:
             raise ShardUnreadable(f"{url}: {what} failed after {self.retries + 1} tries: "
                                   f"{type(e).__name__}: {e}") from e
