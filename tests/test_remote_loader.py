@@ -187,3 +187,10 @@ def test_a_resume_inside_a_shuffle_group_seeks_and_continues_exactly(demo_corpus
     resumed = [(k, raw["__key__"]) for k, _, raw in _stream(cfg)._group_samples(0, 0, slices,
                                                                                  start)]
     assert resumed == straight[start:]
+
+
+def test_data_mix_takes_urls_beside_local_folders(demo_corpus, s3_corpus):
+    cfg = make_cfg(demo_corpus / "train", mix={s3_corpus: 1.0, str(demo_corpus / "train"): 1.0})
+    got, ld = keys_of(cfg, 3)
+    assert got and ld.share_names == ["train", "train-2"]
+    assert all(rows > 0 for rows in ld.dataset_rows())
