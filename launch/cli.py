@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rdzv-id", help="rendezvous id (default: train.name)")
     g.add_argument("--rdzv-timeout", type=int, default=600, metavar="S",
                    help="seconds a node waits for the others to join (default 600)")
+    g.add_argument("--rdzv-last-call", type=int, metavar="S", help="with --nnodes MIN:MAX: once "
+                   "MIN nodes joined, seconds to wait for more before going on (torchrun's "
+                   "default: 30)")
     g.add_argument("--master-addr", metavar="HOST", help="static rendezvous on HOST (torchrun), "
                    "or the DeepSpeed master (--hostfile; default: its first host)")
     g.add_argument("--master-port", type=int, metavar="PORT", help="port of --master-addr "

@@ -102,6 +102,9 @@ def build_plan(args: argparse.Namespace, cfg: RunConfig, *, environ: dict[str, s
     rank_args = ["--resume", args.resume] if args.resume else []
     if args.fresh and args.resume:
         raise ValueError("--fresh and --resume exclude each other")
+    if args.rdzv_last_call is not None and (args.rdzv_last_call < 0 or not args.nnodes
+                                            or ":" not in str(args.nnodes)):
+        raise ValueError("--rdzv-last-call S (S >= 0) applies to an elastic --nnodes MIN:MAX")
     if args.slurm and args.hostfile:
         raise ValueError("--slurm and --hostfile are two ways to start the nodes: pick one")
     common = dict(cfg=cfg, cwd=cwd, run_dir=run_dir, python=python or sys.executable,
@@ -170,7 +173,8 @@ def _torchrun_plan(args, cfg: RunConfig, environ: dict[str, str], common: dict) 
         host, port = parse_endpoint(endpoint, "--rdzv-endpoint")
         rdzv = Rendezvous(backend="c10d", host=host, port=str(port),
                           run_id=args.rdzv_id or cfg.train.name, join_timeout=args.rdzv_timeout,
-                          local_addr=args.local_addr)
+                          local_addr=args.local_addr,
+                          last_call=args.rdzv_last_call if min_nodes != nnodes else None)
     elif args.master_addr or nnodes > 1:
         if not args.master_addr:
             raise ValueError(f"--nnodes {nnodes} needs a rendezvous: --rdzv-endpoint HOST:PORT "

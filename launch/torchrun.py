@@ -24,6 +24,7 @@ class Rendezvous:
     port: str
     run_id: str
     join_timeout: int = 600  # seconds a node waits for the others (c10d)
+    last_call: int | None = None  # elastic: seconds to wait for more nodes once MIN joined
     local_addr: str = ""
 
 
@@ -37,6 +38,8 @@ def torchrun_argv(*, python: str, nnodes: str, node_rank: int | None, nproc_per_
             "--nproc-per-node", str(nproc_per_node)]
     if rdzv.backend == "c10d":
         conf = f"join_timeout={rdzv.join_timeout}"
+        if rdzv.last_call is not None:
+            conf += f",last_call_timeout={rdzv.last_call}"
         if node_rank is not None:  # say who hosts the store instead of guessing from host names
             conf += f",is_host={1 if node_rank == 0 else 0}"
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rdzv.host}:{rdzv.port}",

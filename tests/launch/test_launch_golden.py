@@ -81,11 +81,17 @@ def test_elastic_node_range_reaches_torchrun():
     tr = get_args_parser().parse_args(argv[3:])
     assert tr.nnodes == "2:4" and (plan.min_nodes, plan.nnodes, plan.world) == (2, 4, 8)
     assert plan.max_restarts == 3  # several nodes: restarts by default
+    assert "last_call_timeout" not in tr.rdzv_conf  # torchrun's default unless given
+    plan = plan_for(["--nnodes", "2:4", "--node-rank", "0", "--rdzv-endpoint", "node0:29500",
+                     "--rdzv-last-call", "5"], CFG)
+    tr = get_args_parser().parse_args(node_torchrun_argv(plan, 0)[3:])
+    assert tr.rdzv_conf == "join_timeout=600,last_call_timeout=5,is_host=1"
     for argv, message in [
         (["--nnodes", "2:4", "--node-rank", "0", "--master-addr", "node0"], "needs the c10d"),
         (["--nnodes", "4:2", "--node-rank", "0", "--rdzv-endpoint", "node0:1"], "1 <= MIN <= MAX"),
         (["--nnodes", "two", "--node-rank", "0"], "must be a node count N, or MIN:MAX"),
         (["--slurm", "--nnodes", "2:4"], "MIN:MAX is for --rdzv-endpoint launches"),
+        (["--rdzv-last-call", "5"], "applies to an elastic --nnodes MIN:MAX"),
     ]:
         with pytest.raises(ValueError, match=message):
             plan_for(argv, CFG)

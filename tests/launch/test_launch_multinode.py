@@ -252,7 +252,7 @@ def test_an_elastic_job_goes_on_without_a_lost_node(demo_corpus, tmp_path):
     restarts alone, the ranks convert the 2-rank checkpoint to 1 rank, and the run finishes."""
     port = free_port()
     common = ("--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
-              "--monitor-interval", "0.5")
+              "--monitor-interval", "0.5", "--rdzv-last-call", "10")
     node1 = start(demo_corpus, tmp_path, "elastic", *common, "--node-rank", "1")
     time.sleep(1)
     node0 = start(demo_corpus, tmp_path, "elastic", *common, "--node-rank", "0")
