@@ -54,3 +54,25 @@ def test_run_child_passes_stderr_through_and_keeps_its_tail(capsys):
     assert outcome.returncode == 3 and outcome.signal is None
     assert outcome.tail == ["err2", "err3"]
     assert "err1\nerr2\nerr3\n" in capsys.readouterr().err
+
+
+def test_every_start_of_the_ranks_gets_its_own_attempt_folder(tmp_path):
+    """A restart caused by another node keeps torchrun's restart count (0 here, twice): the
+    folders are still attempt_0 then attempt_1, the first one untouched; the ranks are told the
+    attempt (MMTRAIN_ATTEMPT) and keep torchrun's own count."""
+    from torch.distributed.elastic.multiprocessing import Std
+
+    from launch.elastic_run import NumberedAttemptLogs
+
+    logs = NumberedAttemptLogs(log_dir=str(tmp_path), redirects=Std.ALL, tee=Std.NONE)
+    seen = []
+    for _ in range(2):
+        envs = {0: {"TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_RESTART_COUNT": "0"}}
+        dest = logs.reify(envs)
+        seen.append((envs[0]["MMTRAIN_ATTEMPT"], envs[0]["TORCHELASTIC_RESTART_COUNT"]))
+        with open(dest.stderrs[0], "w") as f:
+            f.write(f"attempt {len(seen) - 1}\n")
+    assert seen == [("0", "0"), ("1", "0")]
+    (run,) = tmp_path.iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["attempt_0", "attempt_1"]
+    assert (run / "attempt_0" / "0" / "stderr.log").read_text() == "attempt 0\n"
