@@ -42,6 +42,10 @@ if [[ ${#wheels[@]} -gt 0 && ${#dry_run[@]} -eq 0 ]]; then  # the dry run uses t
     fi
 fi
 
+# Console scripts of the interpreter (ninja, for DeepSpeed's JIT builds) and of --user installs.
+scripts=$("$python" -c 'import site, sysconfig; print(sysconfig.get_path("scripts") + ":" + site.getuserbase() + "/bin")')
+export PATH="${scripts}:${PATH}"
+
 # mmtrain is imported from the checkout, without installing it.
 export PYTHONPATH="${repo_root}${PYTHONPATH:+:${PYTHONPATH}}"
 if [[ ${#dry_run[@]} -gt 0 ]]; then

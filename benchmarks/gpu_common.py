@@ -229,5 +229,5 @@ def tolerance_text() -> str:
     from mmtrain.kernels.autotune import GRAD_FACTOR, TOLERANCES
 
     limits = ", ".join(f"{str(d).removeprefix('torch.')} atol {a:g} rtol {r:g}" for d, (a, r) in TOLERANCES.items())
-    return (f"max|got - fp32 reference| <= atol + rtol * max|reference| ({limits}); "
+    return (f"max abs(got - fp32 reference) <= atol + rtol * max abs(reference) ({limits}); "
             f"gradients x{GRAD_FACTOR:g}")
