@@ -171,3 +171,21 @@ def test_gpu_e2e_commands_are_valid_runs(tmp_path):
         resolved = json.loads(res.stdout[res.stdout.index("{"):])
         assert resolved["engine"]["zero_stage"] == run.zero_stage and resolved["train"]["stop_after"] == run.first_steps
         assert resolved["engine"]["precision"] == "bf16" and resolved["launch"]["nproc"] == 1
+
+
+def test_exit_status_and_stages_lacking_packages(tmp_path, monkeypatch):
+    """Exit 1 when a stage reports failures (outputs outside tolerance); exit 2 when a stage lacks
+    a package: that stage is not run and is marked failed, the others still run."""
+    import gpu_bench
+
+    monkeypatch.setattr(gpu_bench, "STAGES", [("env", gpu_bench.stage_env),
+                                              ("e2e", lambda s, d: {"failures": ["a: out of tolerance"]})])
+    monkeypatch.setattr(gpu_bench, "check_requirements", lambda stages, dry_run: {})
+    assert gpu_bench.main(["--dry-run", str(tmp_path / "a"), "--stages", "env,e2e"]) == 1
+    assert json.loads((tmp_path / "a" / "e2e.json").read_text())["failed"] is True
+    assert "| stages that failed | e2e |" in (tmp_path / "a" / "summary.md").read_text()
+
+    monkeypatch.setattr(gpu_bench, "check_requirements", lambda stages, dry_run: {"e2e": ["cannot import deepspeed"]})
+    assert gpu_bench.main(["--dry-run", str(tmp_path / "b"), "--stages", "env,e2e"]) == 2
+    assert json.loads((tmp_path / "b" / "env.json").read_text())["failed"] is False  # still ran
+    assert json.loads((tmp_path / "b" / "e2e.json").read_text())["error"] == "not run: cannot import deepspeed"
