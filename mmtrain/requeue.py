@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Mapping
 
 REQUEUE_MARKER = "requeue.json"
 
@@ -29,3 +30,15 @@ def after_preemption_save(run_dir: Path, *, rank: int, signum: int | None, step:
                                "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def is_restart(environ: Mapping[str, str]) -> bool:
+    """True when this start of the ranks is not the job's first: a `--resume X` (or `--fresh`) was
+    meant for the first start only; a restart continues from `latest`.
+
+    MMTRAIN_ATTEMPT (launch.elastic_run) counts every start of the ranks on this node, also one
+    caused by another node's failure, where torchrun's TORCHELASTIC_RESTART_COUNT stays 0 (used
+    when the ranks were started by plain torchrun). SLURM_RESTART_COUNT > 0: a requeued job.
+    """
+    attempt = environ.get("MMTRAIN_ATTEMPT") or environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
+    return int(attempt) > 0 or int(environ.get("SLURM_RESTART_COUNT") or "0") > 0

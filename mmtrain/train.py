@@ -35,7 +35,7 @@ from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag
                             parameters_finite)
 from mmtrain.metrics import MetricsLogger, share_metrics
 from mmtrain.model import FusionTransformer, ModelConfig
-from mmtrain.requeue import after_preemption_save
+from mmtrain.requeue import after_preemption_save, is_restart
 from mmtrain.watchdog import Watchdog
 
 log = logging.getLogger("mmtrain.train")
@@ -288,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A restart by torchrun (`mmtrain launch --max-restarts`) continues from `latest` (which a
     # first start with --resume X moved to X): --resume (or --fresh) is for the first start only.
-    # MMTRAIN_ATTEMPT (set by launch.elastic_run) counts every start of the ranks on this node, also
-    # one caused by another node's failure, where torchrun's restart count stays 0.
-    attempt = os.environ.get("MMTRAIN_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if int(attempt) > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:  # SLURM requeue
+    if is_restart(os.environ):  # torchrun restart (any node's failure) or SLURM requeue
         args.fresh, args.resume = False, None
     cfg = from_dict(RunConfig, json.loads(Path(args.config_json).read_text()))
     try:

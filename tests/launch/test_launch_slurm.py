@@ -149,3 +149,16 @@ def test_only_rank_0_and_only_sigusr1_ask_for_a_requeue(tmp_path):
     assert not list(tmp_path.iterdir())
     path = after_preemption_save(tmp_path, rank=0, signum=signal.SIGUSR1, step=5)
     assert path == tmp_path / "requeue.json" and json.loads(path.read_text())["step"] == 5
+
+
+@pytest.mark.parametrize("environ, restart", [
+    ({}, False),
+    ({"TORCHELASTIC_RESTART_COUNT": "0", "MMTRAIN_ATTEMPT": "0"}, False),
+    ({"TORCHELASTIC_RESTART_COUNT": "0", "MMTRAIN_ATTEMPT": "1"}, True),  # another node failed
+    ({"TORCHELASTIC_RESTART_COUNT": "2"}, True),  # plain torchrun (`mmtrain train`)
+    ({"SLURM_RESTART_COUNT": "1", "MMTRAIN_ATTEMPT": "0"}, True),  # a requeued SLURM job
+])
+def test_resume_and_fresh_apply_to_the_first_start_only(environ, restart):
+    from mmtrain.requeue import is_restart
+
+    assert is_restart(environ) is restart
