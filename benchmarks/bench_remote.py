@@ -93,8 +93,8 @@ def make_dataset(out: Path, samples: int, shards: int, unique: int = 200) -> Non
     per = -(-samples // shards)
     infos, rows = [], []
     for s in range(shards):
-        items = ((f"rep-{i:07d}", contents[i % unique], "") for i in range(s * per,
-                                                                          min(samples, (s + 1) * per)))
+        indices = range(s * per, min(samples, (s + 1) * per))
+        items = ((f"rep-{i:07d}", contents[i % unique], "") for i in indices)
         info, shard_rows = write_shard(out / f"shard-{s:06d}.tar", items)
         infos.append(info)
         rows += shard_rows

@@ -110,7 +110,7 @@ class BuildSummary:
 
 def build(opts: BuildOptions) -> BuildSummary:
     t0 = time.perf_counter()
-    # A URL: built in a local staging folder, each file uploaded once complete (data_tools/remote.py)
+    # A URL: built in a local staging folder, each file uploaded when complete (data_tools/remote.py)
     publisher = Publisher(opts.out) if storage.is_url(opts.out) else None
     out = publisher.staging if publisher else Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,8 +264,9 @@ def _completed_shards(out: Path, state: Path, publisher: Publisher | None = None
             break
         tar = out / f"{name}.tar"
         expected_start = records[-1]["stop"] if records else 0
-        intact = publisher.shard_intact(rec) if publisher else \
-            tar.is_file() and tar.stat().st_size == rec["bytes"] and sha256_file(tar) == rec["sha256"]
+        intact = publisher.shard_intact(rec) if publisher else (
+            tar.is_file() and tar.stat().st_size == rec["bytes"]
+            and sha256_file(tar) == rec["sha256"])
         if rec.get("version") != STATE_VERSION or rec["start"] != expected_start or not intact:
             break
         records.append(rec)

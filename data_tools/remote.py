@@ -1,4 +1,4 @@
-"""Datasets written to object storage (`-o s3://…`, `-o gs://…`): staged locally, then published.
+"""Datasets written to object storage (`-o s3://…`, `-o gs://…`): staged locally, then uploaded.
 
 An object store makes an object visible only once its upload is complete (one PUT, or one
 multipart upload), and has no rename. So a dataset is written into a local staging folder with the

@@ -130,7 +130,8 @@ def _csv_rows(path: str, delimiter: str, header: tuple[str, ...] = ()
     it opened; the rest of that file is not read (it would be one swallowed field)."""
     csv.field_size_limit(sys.maxsize)  # --max-text-chars rejects long texts with a reason
     quoting = dict(quoting=csv.QUOTE_NONE) if delimiter == "\t" else dict(doublequote=True)
-    with io.TextIOWrapper(storage.open_read(path), newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+    # a local file or a URL; utf-8-sig: Excel's byte-order mark
+    with io.TextIOWrapper(storage.open_read(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True, **quoting)
         names = list(header) or next(reader, [])
         if not header and any(n.startswith(("http://", "https://")) for n in names):

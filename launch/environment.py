@@ -16,7 +16,11 @@ from launch.safety import ENV_NAME_RE
 # Prefixes of variables that tune communication, threading and CUDA: carried to every rank.
 CARRY_PREFIXES = ("NCCL_", "TORCH_NCCL_", "CUDA_", "TORCH_", "PYTORCH_", "GLOO_", "OMP_", "MKL_",
                   "KMP_", "UCX_", "FI_", "NVIDIA_", "TRITON_", "HF_", "MMTRAIN_")
-CARRY_NAMES = ("PYTHONPATH", "LD_LIBRARY_PATH")
+CARRY_NAMES = ("PYTHONPATH", "LD_LIBRARY_PATH",
+               # where object storage is (not secrets: written into scripts; keys come from each
+               # node's own credentials: instance role, ~/.aws, or --env)
+               "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+               "GOOGLE_APPLICATION_CREDENTIALS")
 # Set per node / per rank by the engine that starts the ranks: never carried from here.
 NEVER_CARRY = ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mmtrain import storage
 from launch.environment import flight_recorder
 from mmtrain.config import RunConfig, save_config
 from mmtrain.distributed.deepspeed import resolve_backend
@@ -37,15 +38,22 @@ def train_datasets(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def needs_demo_data(cfg: RunConfig) -> bool:
     """The embedded demo (data.synth_if_missing, set by configs/tiny.yaml) builds its shards."""
-    return (cfg.data.synth_if_missing and not cfg.data.mix
+    return (cfg.data.synth_if_missing and not cfg.data.mix  # never for a URL: no local folder
+            and not storage.is_url(cfg.data.train)
             and not (Path(cfg.data.train) / "dataset.json").is_file())
 
 
 def check_local_datasets(cfg: RunConfig) -> None:
-    """A missing local dataset is an error naming its path, before any rank starts (URLs are
-    read by the ranks)."""
+    """A missing dataset is an error naming its path, before any rank starts; for a URL, its
+    dataset.json must be reachable (with the credentials of this environment)."""
+    from mmtrain.data.index import read_dataset_index
+
     for location, key in train_datasets(cfg):
-        if "://" in location:
+        if storage.is_url(location):
+            try:
+                read_dataset_index(location)
+            except ValueError as e:
+                raise ValueError(f"{key}={location!r}: {e}") from None
             continue
         if not (Path(location) / "dataset.json").is_file():
             raise ValueError(f"{key}={location!r}: no dataset.json in {Path(location).resolve()}; "

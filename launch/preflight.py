@@ -69,14 +69,18 @@ def check_tokenizer(spec: str) -> str | None:
 
 
 def check_dataset(directory: str, key: str) -> str:
-    """dataset.json readable; every shard it lists present, readable and of the recorded size."""
-    from data_tools.shards import read_dataset_index
+    """dataset.json readable; every shard it lists present, readable and of the recorded size.
+    A URL is read as a URL (never a local folder): its dataset.json must be reachable."""
+    from mmtrain import storage
+    from mmtrain.data.index import read_dataset_index
 
     try:
         index = read_dataset_index(directory)
     except ValueError as e:
         raise ValueError(f"{key}={directory!r}: {e}") from None
     shards = index["shards"]
+    if storage.is_url(directory):
+        return _check_remote_shards(directory, key, index)
     missing, wrong = [], []
     for shard in shards:
         path = Path(directory) / shard["name"]
@@ -106,6 +110,41 @@ def check_dataset(directory: str, key: str) -> str:
                          f"{totals['samples']} samples) do not match its shard list ({len(shards)} "
                          f"shards, {samples} samples); rebuild the index")
     return f"{key}: {len(shards)} shards, {samples} samples, sizes match dataset.json"
+
+
+def _check_remote_shards(directory: str, key: str, index: dict) -> str:
+    """Shards at a URL: one listing gives every object's size (s3://, gs://); an http(s) server
+    cannot be listed, so its first and last shards are checked (a HEAD request each)."""
+    from mmtrain import storage
+
+    shards = index["shards"]
+    try:
+        if directory.startswith("http"):
+            picked = shards[:1] + shards[-1:] if len(shards) > 1 else shards
+            sizes = {s["name"]: storage.size(storage.join(directory, s["name"])) for s in picked}
+        else:
+            fs, path = storage.filesystem(directory)
+            sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+                     for e in fs.ls(path.rstrip("/"), detail=True, refresh=True)}
+            picked = shards
+    except FileNotFoundError as e:
+        raise ValueError(f"{key}: shard {e} listed in {directory}/dataset.json is "
+                         "missing") from None
+    except storage.io_errors() as e:
+        raise ValueError(f"{key}: {directory} cannot be read: {type(e).__name__}: {e}") from None
+    missing = [s["name"] for s in picked if s["name"] not in sizes]
+    wrong = [s["name"] for s in picked if s["name"] in sizes and sizes[s["name"]] != s["bytes"]]
+    if missing:
+        raise ValueError(f"{key}: shard {storage.join(directory, missing[0])} listed in "
+                         f"dataset.json is missing ({len(missing)} missing)")
+    if wrong:
+        raise ValueError(f"{key}: shard {storage.join(directory, wrong[0])} is not of the size "
+                         "dataset.json records: the shards changed; check with `mmtrain data "
+                         "verify`")
+    samples = sum(int(s["samples"]) for s in shards)
+    checked = "sizes match" if len(picked) == len(shards) else \
+        f"{len(picked)} of them checked (http cannot be listed)"
+    return f"{key}: {directory}: {len(shards)} shards, {samples} samples, {checked}"
 
 
 def check_layout(*, num_shards: int, num_streams: int, world: int, workers: int, what: str) -> None:

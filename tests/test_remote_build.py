@@ -79,7 +79,8 @@ def test_killed_build_to_s3_resumes_from_the_bucket_without_duplicates(s3, demo_
     assert remote["shards"] == local["shards"] and remote["fingerprint"] == local["fingerprint"]
     keys = read_manifest(url, ["key"])["key"]
     assert len(keys) == len(set(keys)) == local["totals"]["samples"]  # no sample twice
-    assert storage.read_bytes(f"{url}/manifest.parquet") == (clean / "manifest.parquet").read_bytes()
+    manifest = storage.read_bytes(f"{url}/manifest.parquet")
+    assert manifest == (clean / "manifest.parquet").read_bytes()
     for shard in local["shards"]:
         assert storage.read_bytes(f"{url}/{shard['name']}") == (clean / shard["name"]).read_bytes()
     assert "0 problems" in cli(capsys, "verify", url)[1]
