@@ -97,7 +97,11 @@ def test_elastic_node_range_reaches_torchrun():
             plan_for(argv, CFG)
 
 
-def test_restarts_default_to_three_on_several_nodes_only():
+def test_restarts_default_to_three_on_several_nodes_only(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
+    assert plan_for(["--hostfile", str(hostfile)], CFG).max_restarts == 3
+    assert plan_for(["--hostfile", str(hostfile), "--include", "node0"], CFG).max_restarts == 0
     one = plan_for([], CFG)
     two = plan_for(["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500"], CFG)
     static = plan_for(["--nnodes", "2", "--node-rank", "1", "--master-addr", "node0"], CFG)
