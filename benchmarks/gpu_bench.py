@@ -351,7 +351,7 @@ def stage_train(s: Settings, deadline: Deadline) -> dict:
                 losses=[x.item() for x in losses],  # sync
                 peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if s.device.type == "cuda" else None,
             )  # fmt: skip
-            print(f"  train (pure loop) {name}: {tokens_per_s:,.0f} tokens/s, MFU {entry['mfu_vs_989']:.1%} of 989 TF/s", flush=True)
+            print(f"  {PURE_LOOP}: {name}: {tokens_per_s:,.0f} tokens/s, MFU {entry['mfu_vs_989']:.1%} of 989 TF/s", flush=True)
             del model, opt, batches
             if s.device.type == "cuda":
                 torch.cuda.empty_cache()
