@@ -66,6 +66,12 @@ class DataConfig:
     long_docs: str = "split"  # a document longer than a row: "split" across rows, or "drop"
     allow_data_change: bool = False  # resume even if the dataset fingerprint changed
     max_consecutive_failures: int = 50  # stop, naming the shard, after this many bad samples in a row
+    io_retries: int = 5  # retries of a failed shard open / read, with exponential backoff
+    io_backoff: float = 0.5  # seconds before the first retry (doubled each time, at most 60)
+    max_shard_failures: int = 3  # unreadable shards in a row before stopping (naming the shard)
+    max_open_shards: int = 4  # open files / connections per consumer (rank or decode worker)
+    read_ahead: int = 2  # blocks fetched ahead per remote shard being read
+    io_block_mb: int = 8  # a shard is read in blocks of this many MiB (one range request each)
     max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header
 
     def __post_init__(self) -> None:
@@ -87,3 +93,9 @@ class DataConfig:
         require(self.synth_samples >= 10, "synth_samples", "must be >= 10")
         require(self.max_consecutive_failures >= 1, "max_consecutive_failures", "must be >= 1")
         require(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        require(self.io_retries >= 0, "io_retries", "must be >= 0")
+        require(0 <= self.io_backoff <= 60, "io_backoff", "must be in [0, 60] seconds")
+        require(self.max_shard_failures >= 1, "max_shard_failures", "must be >= 1")
+        require(self.max_open_shards >= 1, "max_open_shards", "must be >= 1")
+        require(self.read_ahead >= 0, "read_ahead", "must be >= 0")
+        require(1 <= self.io_block_mb <= 1024, "io_block_mb", "must be in [1, 1024]")
