@@ -376,9 +376,9 @@ def report_end(plan: plans.LaunchPlan, lines: list[str], returncode: int) -> int
 
 
 def newest_checkpoint(plan: plans.LaunchPlan) -> str:
-    from mmtrain.checkpoint import committed_steps
+    from mmtrain.checkpoint import resume_candidates  # `latest`, then its ancestors
 
-    found = committed_steps(plan.run_dir / "checkpoints")
+    found = resume_candidates(plan.run_dir / "checkpoints")
     return str(found[0]) if found else "none"
 
 

@@ -24,8 +24,8 @@ commands:
 
 def cmd_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmtrain train", description=(
-        "Train on this machine's ranks. Resumes from the newest committed checkpoint of the run "
-        "unless --fresh. The demo corpus is built first if it is missing."))
+        "Train on this machine's ranks. Resumes from the run's checkpoints/latest (what it last "
+        "saved or resumed from) unless --fresh. The demo corpus is built first if it is missing."))
     add_config_args(p)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--resume", help="resume from this checkpoint (step_XXXXXXXX or a path)")

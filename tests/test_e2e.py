@@ -46,6 +46,7 @@ def test_resume_is_bit_identical_and_run_dir_is_complete(demo_corpus, tmp_path):
                 "docs_per_s", "split_docs", "dropped_docs", "packing_efficiency", "data_wait_pct",
                 "skipped_steps", "skipped_samples", "memory_gb"):
         assert key in last, key
+    assert 0 <= last["ckpt_blocking_s"] < 60  # step 10 saved: training blocked that long
     assert last["data/share/train"] == 1.0  # data.mix shares: tests/test_loader_data.py
 
     # What the user is told and what the run directory holds (ARCHITECTURE.md §5).
