@@ -106,10 +106,12 @@ def main() -> int:
     base.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(base / "ours", rank=0, world_size=1, keep_last=2)
     run_config = RunConfig().to_dict()
-    loader_state = {"version": 1, "streams": {str(s): {"epoch": 0, "sample": 123} for s in range(8)}}
+    loader_state = {"version": 1,
+                    "streams": {str(s): {"epoch": 0, "sample": 123} for s in range(8)}}
 
     def torch_save(target: Path, durable: bool) -> None:
-        torch.save({"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
+        torch.save({"module": engine.module.state_dict(),
+                    "optimizer": engine.optimizer.state_dict(),
                     "lr_scheduler": engine.lr_scheduler.state_dict()}, target)
         if durable:
             with open(target, "rb") as f:
@@ -189,7 +191,8 @@ def main() -> int:
                          ("ours", "mmtrain checkpoint (committed)")):
             print(f"  {label:30s} {result['bytes_MB'][k]:7.1f} MB in {result['seconds'][k]:6.3f} s"
                   f" = {result['MB_per_s'][k]:7.1f} MB/s")
-        print(f"  ratio MB/s vs torch.save+fsync {result['ratio_MB_per_s']:.3f}x  (goal >= {GOAL}x)  "
+        print(f"  ratio MB/s vs torch.save+fsync {result['ratio_MB_per_s']:.3f}x  "
+              f"(goal >= {GOAL}x)  "
               f"{'OK' if result['ratio_MB_per_s'] >= GOAL else 'BELOW GOAL'}")
         print(f"  ratio MB/s vs no-fsync save    {result['ratio_MB_per_s_vs_page_cache']:.3f}x")
         print(f"  training blocked by a save     {blocked:.3f} s = {result['blocking_steps']:.3f} "

@@ -422,9 +422,9 @@ class Checkpointer:
         manifest = self._verified[1]
         load_engine(str(ckpt.parent), ckpt.name, int(manifest["world_size"]))
         load_loader(self._loader_states(ckpt, manifest))
-        rng = ckpt / "rng" / f"rank_{self.rank}.pt"
-        if manifest["world_size"] == self.world_size and f"rng/rank_{self.rank}.pt" in manifest["files"]:
-            set_rng_state(torch.load(rng, weights_only=True))
+        rng = f"rng/rank_{self.rank}.pt"
+        if manifest["world_size"] == self.world_size and rng in manifest["files"]:
+            set_rng_state(torch.load(ckpt / rng, weights_only=True))
         return int(manifest["step"])
 
     def _loader_states(self, ckpt: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -106,9 +106,9 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
         t0 = time.perf_counter()
         if not parameters_finite(engine.module.parameters()):
             raise Diverged(f"step {at}: parameters are not finite; refusing to checkpoint them")
-        checkpointer.save(
-            at, save_engine=lambda root, tag: ds.snapshot_checkpoint(engine, root, tag, {"step": at}),
-            loader_state=loader.state_dict(), config=cfg.to_dict())
+        checkpointer.save(at, loader_state=loader.state_dict(), config=cfg.to_dict(),
+                          save_engine=lambda root, tag: ds.snapshot_checkpoint(
+                              engine, root, tag, {"step": at}))
         flags.saved()
         watchdog.beat(at)  # a save is progress too
         return time.perf_counter() - t0
