@@ -141,6 +141,14 @@ def test_rollback_is_kept_by_restarts_and_pruning(tmp_path):
     assert names(root) == [step_name(5), step_name(6), step_name(7)]  # keep_last=2 of the lineage
     assert resume(restart(root)) == 7
 
+    # `mmtrain launch`'s preflight and its summary name the same checkpoint, not the newest name
+    from launch.preflight import Report, check_resume
+
+    (root / LATEST).write_text(step_name(5) + "\n")  # as after another rollback, to step 5
+    note = check_resume(root, resume=None, fresh=False, world=1, report=Report())
+    assert note.startswith(f"resumes from {root / step_name(5)} ")
+    assert ck.resume_candidates(root)[0] == root / step_name(5)
+
 
 def test_without_latest_or_parent_entries_the_newest_name_is_used(tmp_path):
     """Checkpoints from before lineage was recorded (no `parent` in MANIFEST), and a deleted
