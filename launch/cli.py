@@ -181,7 +181,7 @@ def run_preflight(plan: plans.LaunchPlan, args: argparse.Namespace, *, dry_run: 
 
 
 def _layout(plan: plans.LaunchPlan) -> str:
-    from data_tools.shards import read_dataset_index
+    from mmtrain.data.index import read_dataset_index  # local folders and URLs
 
     datasets = train_datasets(plan.cfg)
     # With data.mix this is the total over its datasets; the loader checks each one's share.
