@@ -68,7 +68,7 @@ def test_two_ranks_train_from_s3_killed_and_resumed(demo_corpus, tmp_path, capsy
                                  timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "s3run" / "logs").rglob("*.log"))
-    assert f"resumed from" in logs and killed_at in logs
+    assert "resumed from" in logs and killed_at in logs
     train_rows = [m for m in metrics(tmp_path / "s3run") if m["split"] == "train"]
     assert train_rows[-1]["step"] == 4
     assert train_rows[-1]["skipped_shards"] == 0 and train_rows[-1]["unreadable_shards"] == 0
