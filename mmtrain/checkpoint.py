@@ -152,13 +152,13 @@ def committed_steps(root: Path) -> list[Path]:
 
 
 def read_latest(root: Path) -> Path | None:
-    """The committed checkpoint `latest` names, or None."""
+    """The committed checkpoint `latest` names, or None. It holds a step name of `root`, or the
+    absolute path of another run's checkpoint this run resumed from (until its first save)."""
     try:
-        name = (root / LATEST).read_text().strip()
+        ckpt = root / (root / LATEST).read_text().strip()  # an absolute path stays as it is
     except OSError:
         return None
-    ckpt = root / name
-    return ckpt if STEP_DIR.match(name) and (ckpt / COMMITTED).is_file() else None
+    return ckpt if STEP_DIR.match(ckpt.name) and (ckpt / COMMITTED).is_file() else None
 
 
 def parent_of(ckpt: Path) -> Path | None:
@@ -404,13 +404,15 @@ class Checkpointer:
         self._verified = (ckpt, manifest)
 
     def _adopt(self, ckpt: Path) -> None:
-        """The checkpoint this run resumes from: `latest` (if it is one of ours) and the parent
-        of the next save."""
+        """The checkpoint this run resumes from becomes `latest` (another run's by its absolute
+        path) and, if it is one of ours, the parent of the next save."""
         ours = ckpt.parent.resolve() == self.root.resolve()
         self._parent = ckpt.name if ours else None
-        if ours and self.rank == 0 and read_latest(self.root) != self.root / ckpt.name:
-            atomic_write_text(self.root / LATEST, ckpt.name + "\n")
-            log.info("`latest` now names %s, the checkpoint this run resumes from", ckpt.name)
+        target = self.root / ckpt.name if ours else ckpt.resolve()
+        if self.rank == 0 and read_latest(self.root) != target:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.root / LATEST, f"{ckpt.name if ours else target}\n")
+            log.info("`latest` now names %s, the checkpoint this run resumes from", target)
 
     def load(self, ckpt: Path, *, load_engine: Callable[[str, str, int], None],
              load_loader: Callable[[list[dict[str, Any]]], None]) -> int:

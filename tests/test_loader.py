@@ -154,3 +154,9 @@ def test_close_shuts_decode_workers_down_silently(demo_corpus):
     assert proc.returncode == 0 and "closed" in proc.stdout, proc.stderr[-2000:]
     for noise in ("terminate called", "killed by signal", "Aborted", "Traceback"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("key", ["shuffle_shards", "shuffle_buffer"])
+def test_shuffle_settings_are_validated(key):
+    with pytest.raises(ValueError, match=f"data.{key}=0 must be >= 1"):
+        DataConfig(**{key: 0})

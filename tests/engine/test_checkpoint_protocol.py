@@ -150,6 +150,29 @@ def test_rollback_is_kept_by_restarts_and_pruning(tmp_path):
     assert ck.resume_candidates(root)[0] == root / step_name(5)
 
 
+def test_resuming_another_runs_checkpoint_survives_a_restart(tmp_path):
+    """`--resume /other/run/checkpoints/step_X`: `latest` holds that path until the first save, so
+    a restart before it resumes from there too (not from scratch); the other run is never pruned."""
+    other, root = tmp_path / "A" / "checkpoints", tmp_path / "B" / "checkpoints"
+    cp = restart(other)
+    for step in (3, 6):
+        save(cp, step)
+    cp.wait()
+    cp = restart(root)
+    assert resume(cp, str(other / step_name(3))) == 3
+    assert latest(root) == str((other / step_name(3)).resolve())
+    assert resume(restart(root)) == 3  # the restart
+    save(cp, 4)
+    cp.wait()
+    assert latest(root) == step_name(4)
+    assert json.loads((root / step_name(4) / MANIFEST).read_text())["parent"] is None
+    for step in (5, 6):
+        save(cp, step)
+    cp.wait()
+    assert latest(root) == step_name(6) and names(root) == [step_name(5), step_name(6)]
+    assert names(other) == [step_name(3), step_name(6)]  # untouched
+
+
 def test_without_latest_or_parent_entries_the_newest_name_is_used(tmp_path):
     """Checkpoints from before lineage was recorded (no `parent` in MANIFEST), and a deleted
     `latest`: resume and pruning fall back to name order."""
