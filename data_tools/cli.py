@@ -512,6 +512,5 @@ def _run_tokenize_media(args: argparse.Namespace) -> int:
     return 0
 
 
-
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,6 +16,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from PIL import Image
 
@@ -25,9 +26,10 @@ from data_tools.shards import read_dataset_index, write_dataset_index, write_sha
 from data_tools.synth import make_audio, make_image, synth_corpus
 from data_tools.verify import verify
 from mmtrain.data.schema import Segment, encode_sample, parse_sample
-from mmtrain.media_tokenizers import (CODES_SUFFIX, GriffinLimVocoder, ImageTokenizer,
-                                      build_tokenizer, codes_from_npy, load_tokenizer,
-                                      read_tokenizer_info, save_tokenizer, tokenizer_fingerprint)
+from mmtrain.media_tokenizers import (CODES_SUFFIX, AudioTokenizer, GriffinLimVocoder,
+                                      ImageTokenizer, build_tokenizer, codes_from_npy,
+                                      load_tokenizer, read_tokenizer_info, save_tokenizer,
+                                      tokenizer_fingerprint)
 
 SMALL = "16,32"
 
@@ -81,6 +83,11 @@ def test_round_trip_shapes_and_media_out():
     assert mel.shape == (3, 40, 100)
     wave = audio.to_wave(mel[0], GriffinLimVocoder(n_iter=4))
     assert wave.shape == (16000,) and wave.dtype == np.float32 and np.isfinite(wave).all()
+    assert soundfile.info(io.BytesIO(AudioTokenizer.to_wav(wave, 16000))).frames == 16000
+    # Batched features are the one-by-one ones (tokenize-media batches, the API allows both).
+    other, _ = make_audio(random.Random(3))
+    raws = np.stack([audio.raw_from_bytes(wav), audio.raw_from_bytes(other)])
+    assert np.allclose(audio.features(raws)[0], x_aud[0].numpy(), atol=1e-5)
 
     with pytest.raises(ValueError, match=r"decodes \[B, 8, 8\]"):
         image.decode(torch.zeros(1, 4, 4, dtype=torch.long))
