@@ -100,7 +100,7 @@ class _Batcher:
 
 # ----------------------------------------------------------------------------------- training
 
-def train_media_tokenizer(kind: str, inputs: list[str], out: str, *, val: list[str] = (),
+def train_media_tokenizer(kind: str, inputs: list[str], out: str, *, val: list[str] | None = None,
                           fit_config: FitConfig = FitConfig(), max_items: int = 20000,
                           eval_items: int = 512, overwrite: bool = False, device: str = "cpu",
                           log: Callable[[str], None] = print, **config: Any) -> dict[str, Any]:
@@ -110,9 +110,11 @@ def train_media_tokenizer(kind: str, inputs: list[str], out: str, *, val: list[s
     if (out_dir / CONFIG_JSON).exists() and not overwrite:
         raise ValueError(f"{out_dir} already holds a media tokenizer; choose another directory or "
                          "pass --overwrite")
-    torch.manual_seed(fit_config.seed)  # the initial weights
-    tokenizer = build_tokenizer(kind, **config)  # a bad config fails before any data is read
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's RNG untouched
+        torch.manual_seed(fit_config.seed)
+        tokenizer = build_tokenizer(kind, **config)  # a bad config fails before data is read
     t0 = time.perf_counter()
+    val = list(val or [])
     if val:
         train_x, _, bad = collect_inputs(inputs, tokenizer, max_items=max_items)
         held_x, _, bad_val = collect_inputs(val, tokenizer, max_items=eval_items)
@@ -157,6 +159,8 @@ def tokenize_media(directory: str, tokenizer_dirs: list[str], out: str, *, batch
         raise ValueError("give at least one --tokenizer DIR")
     if batch < 1:
         raise ValueError(f"--batch-size={batch} must be >= 1")
+    if _same(directory, out):
+        raise ValueError(f"tokenize-media writes a new dataset: -o {out} must not be the input")
     index = read_dataset_index(directory)
     sources = source_rows(directory)
     with output(out, overwrite=overwrite) as staged:
@@ -184,6 +188,12 @@ def tokenize_media(directory: str, tokenizer_dirs: list[str], out: str, *, batch
             target, shards, rows, rejected=len(rejected), media_codes=media_codes,
             source={"tokenize_media": {"input": directory,
                                        "input_fingerprint": index["fingerprint"]}})
+
+
+def _same(a: str, b: str) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _with_codes(samples: Iterator[tuple[str, dict[str, bytes], str]],

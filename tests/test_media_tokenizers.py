@@ -226,6 +226,10 @@ def test_tokenize_media_rejects_undecodable_media(trained, tmp_path):
     rejected = [json.loads(line) for line in (tmp_path / "dst" / "rejected.jsonl").open()]
     assert [(r["shard"], r["key"]) for r in rejected] == [("shard-000000.tar", "bad")]
     assert "image" in rejected[0]["reason"]
+    # Writing over the input is refused (it would delete the shards it reads).
+    assert data_main(["tokenize-media", str(src), "--tokenizer", str(out / "image"),
+                      "-o", str(src), "--overwrite"]) == 2
+    assert read_dataset_index(src)["totals"]["samples"] == 2
 
 
 def test_tokenize_media_killed_midway_leaves_no_dataset(corpus, trained, tmp_path, monkeypatch):

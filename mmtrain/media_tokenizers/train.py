@@ -51,7 +51,6 @@ def fit(tokenizer: MediaTokenizer, inputs: np.ndarray, cfg: FitConfig,
     """Train `tokenizer` in place on `inputs` [N, ...]; returns a record of the run."""
     if len(inputs) == 0:
         raise ValueError(f"no {tokenizer.kind} inputs to train the tokenizer on")
-    torch.manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed)
     data = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     device = next(tokenizer.parameters()).device
