@@ -12,7 +12,8 @@ from data_tools.stats import compute_stats
 from data_tools.tokenizer_train import iter_texts
 from mmtrain.data.tokenizer import SPECIAL_TOKENS, BPETokenizer
 
-COMMANDS = ("build", "synth", "verify", "stats", "inspect", "dedup", "split", "train-tokenizer")
+COMMANDS = ("build", "synth", "verify", "stats", "inspect", "dedup", "split", "train-tokenizer",
+            "train-media-tokenizer", "tokenize-media")
 
 
 @pytest.fixture(scope="module")
