@@ -459,7 +459,8 @@ def _run_train_media_tokenizer(args: argparse.Namespace) -> int:
         config["image_size"] = args.image_size
     else:
         config.update(n_mels=args.n_mels, clip_seconds=args.clip_seconds)
-    fit_config = FitConfig(steps=args.steps or DEFAULT_STEPS[args.kind],
+    steps = DEFAULT_STEPS[args.kind] if args.steps is None else args.steps
+    fit_config = FitConfig(steps=steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)

@@ -95,7 +95,12 @@ def test_round_trip_shapes_and_media_out():
         audio.decode(torch.full((1, 25), 1000))
 
 
-def test_bad_configs_name_the_key():
+def test_bad_configs_name_the_key(tmp_path, capsys):
+    for flags, says in ((["--steps", "0"], "steps=0 must be >= 1"),
+                        (["--levels", "2,5"], "image_tokenizer.levels=[2, 5]")):
+        assert data_main(["train-media-tokenizer", "image", str(tmp_path), "-o",
+                          str(tmp_path / "tok"), *flags]) == 2
+        assert says in capsys.readouterr().err  # before any data is read (there is none)
     with pytest.raises(ValueError, match=r"image_tokenizer\.image_size=30"):
         build_tokenizer("image", image_size=30)
     with pytest.raises(ValueError, match=r"audio_tokenizer\.levels"):
