@@ -5,7 +5,8 @@ against 1.0, floored at `floor_db` and scaled so that `floor_db` is -1 and 0 dB 
 convolutional encoder over time (mel bins as channels) reduces the frames by
 2^len(channels); FSQ turns each latent vector into one code. Sound comes back through a
 `Vocoder`: `GriffinLimVocoder` (librosa's `mel_to_audio`, phase estimated by Griffin-Lim) is the
-one built in; a pretrained neural vocoder or codec can take its place through the same interface.
+one built in; a pretrained neural vocoder takes its place through the same interface (a neural
+codec with codes of its own would replace `AudioTokenizer` instead, keeping encode/decode).
 
 Legend: B clips, M mel bins, F frames, f = F / downsample codes per clip, d = len(levels).
 """
@@ -72,7 +73,7 @@ class AudioTokenizerConfig:
         import librosa
 
         # = librosa.feature.melspectrogram, with the filterbank built once instead of per call
-        # (building it took 25× the STFT's time for a 1 s clip).
+        # (building it took most of the time for a 1 s clip).
         power = np.abs(librosa.stft(np.asarray(wave, dtype=np.float32), n_fft=self.n_fft,
                                     hop_length=self.hop_length)[..., :self.frames]) ** 2
         mel = _mel_basis(self.sample_rate, self.n_fft, self.n_mels) @ power  # [..., M, F]
@@ -106,7 +107,7 @@ class Vocoder(Protocol):
 @dataclasses.dataclass(frozen=True)
 class GriffinLimVocoder:
     """librosa's mel inversion: mel → linear spectrogram (non-negative least squares), phase by
-    Griffin-Lim. No training, no download; intelligible for tones and beeps, buzzy for speech."""
+    Griffin-Lim. No training and no download; the phase is estimated, not learned."""
 
     n_iter: int = 32
 

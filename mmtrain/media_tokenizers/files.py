@@ -9,8 +9,8 @@
 The fingerprint is sha256(canonical JSON of format, format_version, kind, config ‖ NUL ‖ the
 weights file's bytes): what decides which code a given input gets. `quality` and `training` are a
 record of how it was made and are not part of it. Both files are written atomically, config.json
-last; a crash in between leaves a directory whose fingerprint does not match, which loading
-refuses, naming the file.
+last: a crash in between leaves no config.json, or an older one whose fingerprint does not match
+the new weights; loading refuses both, naming the file.
 """
 
 from __future__ import annotations
