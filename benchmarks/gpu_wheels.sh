@@ -27,13 +27,17 @@ mkdir -p "$dest"
 
 # small packages, with their own dependencies
 "$python" -m pip download --quiet "${target[@]}" -d "$dest" \
-    pydantic hjson msgpack py-cpuinfo ninja einops psutil nvidia-ml-py braceexpand cffi pycparser
+    pydantic hjson msgpack py-cpuinfo ninja einops psutil nvidia-ml-py braceexpand cffi pycparser \
+    aiohttp loguru frozendict
 if [[ -n "${EXTRA_PACKAGES:-}" ]]; then
     # shellcheck disable=SC2086  # a list of names
     "$python" -m pip download --quiet "${target[@]}" -d "$dest" ${EXTRA_PACKAGES}
 fi
 # these depend on numpy (and webdataset on PyYAML), which the image has: no dependencies
 "$python" -m pip download --quiet "${target[@]}" --no-deps -d "$dest" webdataset soundfile
+# these depend on torch (which the image has): no dependencies
+"$python" -m pip download --quiet "${target[@]}" --no-deps -d "$dest" vector-quantize-pytorch \
+    torch-einops-utils einx
 # DeepSpeed: the version installed here, built without ops
 ds_version=$("$python" -c "import importlib.metadata as m; print(m.version('deepspeed'))" 2>/dev/null || echo "")
 DS_BUILD_OPS=0 "$python" -m pip wheel --quiet --no-deps --no-build-isolation -w "$dest" "deepspeed${ds_version:+==$ds_version}"
