@@ -9,6 +9,8 @@ P   our ShardLoader ÷ a fair peer: webdataset + torch.utils.data.DataLoader wit
     Both must deliver the same number of batches of the same shape, real tokens within 1% and
     documents within max(5%, 4/sqrt(documents)): the benchmark fails otherwise. Goal ≥ 1.0×.
     What ours adds: exact resume state, the cross-shard interleave, weighted mixing, quarantine.
+P0  the same two pipelines in-process (0 workers), as tokens per CPU second of the process: the
+    per-sample cost, steadier than wall time on a shared machine. Goal ≥ 1.0×.
 W   2 decode workers ÷ 1 worker (ours): goal ≥ 1.7× on 2 free cores
 C   ours with 1% corrupt samples ÷ clean: goal ≥ 0.95×
 Absolute numbers on shared machines mean little; the ratios are the claim.
@@ -48,15 +50,16 @@ def measure(batches: Iterator, warm: int, n: int) -> dict[str, float]:
     for _ in range(warm):
         next(batches)
     docs = tokens = slots = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         b = next(batches)
         docs += b.counts["docs"]
         tokens += b.counts["real_tokens"]
         slots += b.tokens.numel()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "docs": docs, "tokens": tokens, "slots": slots,
-            "tokens_per_s": tokens / seconds, "docs_per_s": docs / seconds}
+            "tokens_per_s": tokens / seconds, "docs_per_s": docs / seconds,
+            "tokens_per_cpu_s": tokens / cpu}  # this process's CPU: all of it with 0 workers
 
 
 def ours(directory: Path, batches: int, workers: int) -> dict[str, float]:
@@ -172,10 +175,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", choices=["P", "W", "C"], action="append",
+    ap.add_argument("--only", choices=["P", "P0", "W", "C"], action="append",
                     help="run only these benchmarks (default: all)")
     args = ap.parse_args()
-    todo = set(args.only or ["P", "W", "C"])
+    todo = set(args.only or ["P", "P0", "W", "C"])
     with tempfile.TemporaryDirectory() as tmp:
         clean, bad = Path(tmp) / "clean", Path(tmp) / "bad"
         per_shard = args.samples // 8
@@ -198,6 +201,19 @@ def main() -> None:
                   f"median over {args.reps} alternating pairs of runs, {n} batches of "
                   f"{MICRO_BATCH}x{SEQ_LEN}; ratio of the medians {o / p:.2f}x)")
             print("   per pair (ours/peer)        " + " ".join(f"{r:.2f}" for r in pairs))
+        if "P0" in todo:  # CPU time is steadier than wall time on a shared machine
+            res = median_of_alternating({"ours": lambda: ours(clean, n, 0),
+                                         "peer": lambda: peer(clean, n, 0)}, args.reps)
+            for a, b in zip(res["ours"], res["peer"]):
+                same_work(a, b)
+            pairs = [a["tokens_per_cpu_s"] / b["tokens_per_cpu_s"]
+                     for a, b in zip(res["ours"], res["peer"])]
+            print(f"P0 ours, in-process            {median(res['ours'], 'tokens_per_cpu_s'):10.0f}"
+                  " tokens per CPU second")
+            print(f"   webdataset, in-process      {median(res['peer'], 'tokens_per_cpu_s'):10.0f}"
+                  " tokens per CPU second")
+            print(f"   ratio                       {statistics.median(pairs):10.2f}x   "
+                  f"(goal >= 1.0x; median over {args.reps} alternating pairs)")
         if "W" in todo:
             res = median_of_alternating({"1": lambda: ours(clean, n, 1),
                                          "2": lambda: ours(clean, n, 2)}, args.reps)
