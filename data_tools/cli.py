@@ -110,7 +110,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", metavar="KIND",
                    choices=("image-text", "audio-text", "interleaved", "mmc4", "text", "wds"))
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("-o", "--out", required=True, help="output directory, or an s3:// / gs:// URL "
+                   "(staged locally, uploaded file by file, dataset.json last)")
     _add_shard_limits(p)
     g = p.add_argument_group("columns (tables)")
     g.add_argument("--key-column", default="key", help="column with the sample key (default: "

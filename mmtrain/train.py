@@ -152,7 +152,9 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                                   seq_len=cfg.data.seq_len, peak=peak)
             values.update(lr=ds.current_lr(engine), grad_norm=ds.grad_norm(engine),
                           skipped_steps=monitor.skipped_total, loss_spike=float(spike),
-                          skipped_samples=float(loader.skipped), epoch=float(loader.epochs()))
+                          skipped_samples=float(loader.skipped), epoch=float(loader.epochs()),
+                          skipped_shards=float(loader.skipped_shards),
+                          unreadable_shards=float(loader.unreadable_shards))
             if blocked is not None:
                 values["ckpt_blocking_s"] = blocked
             values.update(share_metrics(loader.share_names, coll.sum(loader.dataset_rows())))

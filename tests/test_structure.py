@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mmtrain", "launch", "data_tools")
@@ -15,7 +14,6 @@ DISPATCHER = "mmtrain.cli"  # the `mmtrain` command: it hands each subcommand to
 # Known, assigned, not yet done: the loader still reads dataset.json through data_tools.shards.
 # Issue 14 moves the dataset index reader into mmtrain/ (helper H7). Lead: drop this entry (and the
 # xfail below stops applying by itself) once mmtrain/data/loader.py no longer imports it.
-PENDING = {("mmtrain.data.loader", "data_tools.shards")}
 
 
 def module_name(path: Path) -> str:
@@ -51,11 +49,7 @@ def test_the_runtime_imports_nothing_from_the_tools_or_the_launcher():
     found = {(mod, target) for mod, targets in graph().items()
              if mod.split(".")[0] == "mmtrain" and mod not in (DISPATCHER, "mmtrain.__main__")
              for target in targets if target.split(".")[0] in ("launch", "data_tools")}
-    unexpected = {(mod, t) for mod, t in found
-                  if not any(mod == m and (t == p or t.startswith(p + ".")) for m, p in PENDING)}
-    assert not unexpected, "mmtrain/ must not import launch/ or data_tools/: " + str(sorted(unexpected))
-    if found:
-        pytest.xfail(f"pending (assigned, issue 14): {sorted(found)}")
+    assert not found, "mmtrain/ must not import launch/ or data_tools/: " + str(sorted(found))
 
 
 def test_tools_import_no_launcher():

@@ -45,10 +45,13 @@ import torch
 import webdataset
 from webdataset import tariterators
 
+from mmtrain import storage
+from mmtrain.data import index as dataset_index
 from mmtrain.data.batch import Batch, collate_rows
 from mmtrain.data.config import DataConfig, MediaSpec
 from mmtrain.data.packing import Packer, Row, tokenize_document
 from mmtrain.data.schema import SampleError, parse_sample
+from mmtrain.data.shard_io import ShardIO, ShardUnreadable
 from mmtrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger("mmtrain.data")
@@ -67,18 +70,36 @@ class ShardSet:
         index = _read_index(self.directory)
         self.names = [s["name"] for s in index["shards"]]
         self.samples = [int(s["samples"]) for s in index["shards"]]
+        self.bytes = [int(s["bytes"]) for s in index["shards"]]
         self.fingerprint = index["fingerprint"]
-        self.urls = [f"{self.directory}/{name}" for name in self.names]
+        self.urls = [f"{self.directory}/{name}" if self.directory.startswith("pipe:")
+                     else storage.join(self.directory, name) for name in self.names]
+        self._offsets: dict[str, list[int]] | None = None  # from the manifest, at the first seek
+
+    def seek_point(self, shard: int, sample: int) -> tuple[int, int]:
+        """(byte offset, samples to drop after it) to start reading `shard` at raw sample
+        `sample`: the sample's own offset when the manifest records offsets, else (0, sample)."""
+        if sample == 0 or self.directory.startswith("pipe:"):
+            return 0, sample
+        if self._offsets is None:  # read once, at the first seek
+            try:
+                self._offsets = dataset_index.sample_offsets(self.directory) or {}
+            except ValueError as e:  # no manifest: read from the start
+                log.warning("%s: no sample offsets (%s); reading shards from their start",
+                            self.directory, e)
+                self._offsets = {}
+        offsets = self._offsets.get(self.names[shard])
+        if offsets is None or len(offsets) != self.samples[shard] or sample >= len(offsets):
+            return 0, sample
+        return offsets[sample], 0
 
     def __len__(self) -> int:
         return len(self.names)
 
 
 def _read_index(base: str) -> dict[str, Any]:
-    from data_tools.shards import read_dataset_index  # the writer's reader: one format
-
-    if "://" not in base and not base.startswith("pipe:"):
-        return read_dataset_index(base)
+    if not base.startswith("pipe:"):
+        return dataset_index.read_dataset_index(base)  # local folder or URL (mmtrain.storage)
     url = f"{base}/dataset.json"
     try:
         with webdataset.gopen(url) as f:
@@ -200,8 +221,11 @@ class LogicalStream:
     """One logical stream: shard slices → shuffled samples → documents → packed rows."""
 
     def __init__(self, stream: int, plan: StreamPlan, cfg: DataConfig, spec: MediaSpec,
-                 tokenizer: Tokenizer, state: StreamState, policy: str | None = None) -> None:
+                 tokenizer: Tokenizer, state: StreamState, policy: str | None = None,
+                 shard_io: ShardIO | None = None) -> None:
         self.stream, self.plan, self.cfg, self.spec, self.tok = stream, plan, cfg, spec, tokenizer
+        self.io = shard_io or shard_io_for(cfg)  # shared by a consumer's streams: bounded handles
+        self.failed_shards = 0  # unreadable shards in a row (reset by a shard that reads)
         self.dataset = plan.dataset(stream)
         self.shards = plan.sets[self.dataset]
         self.state = dataclasses.replace(state)
@@ -257,11 +281,12 @@ class LogicalStream:
             self._skip(shard, key, str(e))
             return None
 
-    def _skip(self, shard: int, key: str, reason: str) -> None:
+    def _skip(self, shard: int, key: str, reason: str, kind: str = "sample") -> None:
         reason = normalize_reason(reason)
         self.pending_skips.append({"dataset": self.plan.share_names[self.dataset],
                                    "shard": self.shards.names[shard], "key": key,
-                                   "reason": reason, "stream": self.stream, "epoch": self.epoch})
+                                   "reason": reason, "stream": self.stream, "epoch": self.epoch,
+                                   **({"kind": kind} if key == "*" else {})})
         if key == "*":  # a whole shard: counted, not a run of bad samples
             return
         self.consecutive_failures += 1
@@ -277,13 +302,19 @@ class LogicalStream:
 
         The group's slices are merged in a seeded random order (each next sample comes from a
         slice with probability ∝ its samples left, so the slices end together) and drawn through
-        a seeded shuffle buffer. Samples before `start` are read but not decoded (resume).
+        a seeded shuffle buffer. A resume at `start` > 0 seeks to the samples still needed
+        (_seek_group); failing that, the samples before `start` are read but not decoded.
         """
-        rng = np.random.default_rng([self.cfg.seed, self.stream, epoch, group])
-        readers = [(shard, self._slice(shard, first, stop)) for shard, first, stop in slices]
-        left = [stop - first for _, first, stop in slices]
-        buffer: list[tuple[int, dict]] = []
-        size, k = self.cfg.shuffle_buffer, 0
+        size = self.cfg.shuffle_buffer
+        seed = [self.cfg.seed, self.stream, epoch, group]
+        resumed = self._seek_group(np.random.default_rng(seed), slices, start) if start else None
+        if resumed is not None:
+            rng, readers, left, buffer, k = resumed
+        else:
+            rng = np.random.default_rng(seed)
+            readers = [(shard, self._slice(shard, first, stop)) for shard, first, stop in slices]
+            left = [stop - first for _, first, stop in slices]
+            buffer, k = [], 0
         try:
             while readers or buffer:
                 if readers and len(buffer) < size:
@@ -307,10 +338,61 @@ class LogicalStream:
             for _, reader in readers:
                 reader.close()
 
+    def _seek_group(self, rng: np.random.Generator, slices: list[tuple[int, int, int]],
+                    start: int):
+        """Resume a group at draw `start` by seeking instead of re-reading it.
+
+        The merge and buffer draws depend only on the rng and the slice lengths, not on the
+        bytes, so they are replayed without reading (_replay_group). What is still needed is then
+        read: the samples in the shuffle buffer at that point, and each slice from where the merge
+        had got to, opening every slice at its first needed sample (a seek to its byte offset).
+        The replay assumes no slice ended early before `start` (an early end changes the draws):
+        every slice's last consumed sample is read to check it, and a shard whose size differs
+        from dataset.json's is re-read. (What a seek cannot see: a corrupt tar header before that
+        sample in a shard of the right size; `mmtrain data verify` finds those.)
+        Returns (rng, readers, left, buffer, k) positioned as the uninterrupted run was, or None
+        to re-read (also for pipe: URLs).
+        """
+        for shard, _, _ in slices:
+            url = self.shards.urls[shard]
+            if url.startswith("pipe:") or self.io.size(url) != self.shards.bytes[shard]:
+                return None
+        replay = _replay_group(rng, [stop - first for _, first, stop in slices], start,
+                               self.cfg.shuffle_buffer)
+        if replay is None:
+            return None
+        active, left, consumed, placeholders = replay
+        needed: dict[int, set[int]] = {}
+        for s, m in placeholders:
+            needed.setdefault(s, set()).add(m)
+        readers: dict[int, Iterator[dict]] = {}
+        got: dict[tuple[int, int], dict] = {}
+        records = len(self.pending_skips)
+        try:
+            for s, (shard, first, stop) in enumerate(slices):
+                want = needed.get(s, set())
+                lo = min(want | {max(0, consumed[s] - 1)})  # the last consumed one: a check
+                readers[s] = reader = self._slice(shard, first + lo, stop)
+                for m in range(lo, consumed[s]):
+                    raw = next(reader, None)
+                    if raw is None:
+                        raise _ReplayMismatch
+                    if m in want:
+                        got[s, m] = raw
+        except _ReplayMismatch:
+            for reader in readers.values():
+                reader.close()
+            del self.pending_skips[records:]  # the re-read records what the straight run did
+            return None
+        for s in set(readers) - set(active):
+            readers.pop(s).close()
+        buffer = [(slices[s][0], got[s, m]) for s, m in placeholders]
+        return rng, [(slices[s][0], readers[s]) for s in active], left, buffer, start
+
     def _slice(self, shard: int, first: int, stop: int) -> Iterator[dict]:
         """Samples first..stop-1 of a shard (the ones before `first` are read and dropped)."""
-        reader = self._read_tar(shard)
-        n = 0
+        reader = self._read_tar(shard, first)  # seeks to sample `first` when offsets are known
+        n = first
         try:
             for raw in reader:
                 if n >= first:
@@ -322,25 +404,102 @@ class LogicalStream:
             reader.close()
         expected = self.shards.samples[shard]
         self._skip(shard, "*", f"shard holds {n} readable samples, dataset.json says {expected}: "
-                               f"{stop - max(n, first)} of this stream's samples lost")
+                               f"{stop - max(n, first)} of this stream's samples lost",
+                   kind="short")
 
-    def _read_tar(self, shard: int) -> Iterator[dict]:
+    def _read_tar(self, shard: int, start: int = 0) -> Iterator[dict]:
+        """Raw samples of a shard from sample `start` on (tar order), through this consumer's
+        ShardIO: bounded handles, read-ahead, retries. A shard that cannot be opened or read after
+        the retries is recorded as unreadable (kind "io"); bad bytes (tar or grouping errors) are
+        recorded as such (kind "bad_bytes"). Neither is ever skipped silently."""
         url = self.shards.urls[shard]
-        if url.startswith("pipe:") and not self.cfg.allow_pipe:
+        if url.startswith("pipe:"):
+            yield from self._read_pipe(shard, url)
+            return
+        offset, drop = self.shards.seek_point(shard, start)
+        stream = None
+        try:
+            stream = self.io.open(url, offset=offset)
+            files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(stream))
+            for i, sample in enumerate(tariterators.group_by_keys(files)):
+                if i >= drop:
+                    self.failed_shards = 0  # this shard reads: the failures are not in a row
+                    yield sample
+        except ShardUnreadable as e:
+            self._shard_unreadable(shard, str(e))
+        except RuntimeError:  # out of file descriptors (shard_io names the cause): stop
+            raise
+        except Exception as e:  # tarfile.ReadError, truncated stream, duplicate member, ...
+            self._skip(shard, "*", f"bad bytes: shard unreadable past this point: "
+                                   f"{type(e).__name__}: {e}", kind="bad_bytes")
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _shard_unreadable(self, shard: int, reason: str) -> None:
+        self.failed_shards += 1
+        self._skip(shard, "*", f"unreadable: {reason}", kind="io")
+        if self.failed_shards >= self.cfg.max_shard_failures:
+            raise RuntimeError(
+                f"{self.failed_shards} unreadable shards in a row (data.max_shard_failures="
+                f"{self.cfg.max_shard_failures}); last: {self.shards.urls[shard]}: {reason}")
+
+    def _read_pipe(self, shard: int, url: str) -> Iterator[dict]:
+        if not self.cfg.allow_pipe:
             raise ValueError(f"{url}: pipe: URLs run a shell command; set data.allow_pipe=true")
         try:
             stream = webdataset.gopen(url)
         except (OSError, ValueError) as e:
-            self._skip(shard, "*", f"shard cannot be opened: {e}")
+            self._shard_unreadable(shard, f"shard cannot be opened: {e}")
             return
         try:
             files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(stream))
             yield from tariterators.group_by_keys(files)
         except Exception as e:  # tarfile.ReadError, truncated stream, duplicate member, ...
-            self._skip(shard, "*", f"shard unreadable past this point: {type(e).__name__}: {e}")
+            self._skip(shard, "*", f"bad bytes: shard unreadable past this point: "
+                                   f"{type(e).__name__}: {e}", kind="bad_bytes")
         finally:
             stream.close()
 
+
+def shard_io_for(cfg: DataConfig) -> ShardIO:
+    """One consumer's shard reader, configured from data.* (see mmtrain/data/shard_io.py)."""
+    return ShardIO(max_open=cfg.max_open_shards, read_ahead=cfg.read_ahead,
+                   retries=cfg.io_retries, backoff=cfg.io_backoff,
+                   block_size=cfg.io_block_mb << 20)
+
+
+class _ReplayMismatch(Exception):
+    """A shard had fewer samples than the replay of a group's draws assumed."""
+
+
+def _replay_group(rng: np.random.Generator, counts: list[int], start: int, size: int):
+    """The draws of LogicalStream._group_samples, without the samples: slices of `counts`
+    samples merged by _weighted_pick into a shuffle buffer of `size`. Returns, just before draw
+    `start`, (active slice ids, their samples left, samples consumed per slice, the buffer as
+    (slice, index in slice)), with `rng` advanced to that point; None if the group ends first.
+    Must make exactly the rng calls _group_samples makes (test_loader's resume tests check it)."""
+    active, left = list(range(len(counts))), list(counts)
+    consumed = [0] * len(counts)
+    buffer: list[tuple[int, int]] = []
+    k = 0
+    while active or buffer:
+        if active and len(buffer) < size:
+            i = _weighted_pick(rng, left)
+            s = active[i]
+            buffer.append((s, consumed[s]))
+            consumed[s] += 1
+            left[i] -= 1
+            if left[i] == 0:
+                del active[i], left[i]
+            continue
+        if k == start:
+            return active, left, consumed, buffer
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        buffer.pop()
+        k += 1
+    return None
 
 
 def _weighted_pick(rng: np.random.Generator, weights: list[int]) -> int:
@@ -368,7 +527,9 @@ def consumer_items(plan: StreamPlan, cfg: DataConfig, spec: MediaSpec, tokenizer
     """The batches consumer `consumer` of `consumers` produces from `states` on (the unit a
     DataLoader worker runs; tests run several in one process to simulate ranks and workers)."""
     mine = plan.streams_of_consumer(consumer, consumers)
-    streams = {s: LogicalStream(s, plan, cfg, spec, tokenizer, states[s]) for s in mine}
+    shard_io = shard_io_for(cfg)  # one per consumer: its open handles are bounded together
+    streams = {s: LogicalStream(s, plan, cfg, spec, tokenizer, states[s], shard_io=shard_io)
+               for s in mine}
     iters = {s: streams[s].rows() for s in mine}
     emitted = {s: states[s].rows for s in mine}
     weight = {s: plan.weight(s) for s in mine}
@@ -432,6 +593,8 @@ class ShardLoader:
         self.batches = 0  # batches delivered to this rank's training loop
         self.quarantine = Quarantine(quarantine) if quarantine is not None else None
         self.skipped = 0
+        self.skipped_shards = 0  # shard reads that ended early (I/O after retries, or bad bytes)
+        self.unreadable_shards = 0  # of which: the storage did not answer after the retries
         self._iter: Iterator[LoaderItem] | None = None
         self._last_log = 0.0
 
@@ -475,6 +638,12 @@ class ShardLoader:
 
     def _record_skips(self, skips: list[dict[str, Any]]) -> None:
         self.skipped += sum(s["key"] != "*" for s in skips)
+        for s in skips:  # a whole shard lost is rare and costly: logged every time, not limited
+            if s["key"] == "*":
+                self.skipped_shards += s.get("kind") == "short"
+                self.unreadable_shards += s.get("kind") == "io"
+                log.warning("rank %d: shard %s (%s): %s", self.rank, s["shard"], s["dataset"],
+                            s["reason"])
         if self.quarantine is not None:
             self.quarantine.write(skips)
         now = time.monotonic()
