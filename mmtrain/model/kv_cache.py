@@ -70,15 +70,16 @@ def decode_step(model: FusionTransformer, cache: KVCache, tokens_B: torch.Tensor
     if tokens_B.shape != (cache.batch_size,):
         raise ValueError(f"decode_step takes one token per cache row: {cache.batch_size}, "
                          f"got shape {tuple(tokens_B.shape)}")
-    if int(cache.lengths.max()) >= cache.capacity:  # sync
+    L = int(cache.lengths.max()) + 1  # sync; attend over the longest row's tokens only
+    if L > cache.capacity:
         raise ValueError(f"the KV cache is full ({cache.capacity} tokens per row)")
     B, cfg = cache.batch_size, model.cfg
     G = cfg.n_heads // cfg.n_kv_heads
     positions_B = cache.lengths
     rows = torch.arange(B, device=positions_B.device)
-    L = int(positions_B.max()) + 1  # attend over the longest row's tokens only
     # True where the key is a real token of the row: positions 0 .. lengths[b] (the new one).
-    mask_B11L = (torch.arange(L, device=positions_B.device)[None, :] <= positions_B[:, None])[:, None, None, :]
+    keys_L = torch.arange(L, device=positions_B.device)
+    mask_B11L = (keys_L[None, :] <= positions_B[:, None])[:, None, None, :]
     x_BD = model.tok_embeddings(tokens_B)
     for i, layer in enumerate(model.layers):
         q, k, v = _qkv(layer, layer.attention_norm(x_BD), positions_B)
