@@ -6,6 +6,7 @@ untrained model's greedy output is one byte repeated, which would make "same tok
 All in fp32 on CPU.
 """
 
+import copy
 import dataclasses
 import io
 
@@ -18,6 +19,9 @@ from mmtrain.data.tokenizer import ByteTokenizer
 from mmtrain.model import FusionTransformer, preset
 from mmtrain.model.kv_cache import decode_step, prefill
 
+# On a GPU the same checks run with the model in fp32 there (marked `gpu`; not yet run on one).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 # Cached vs full logits, fp32. Measured max abs difference 1.6e-5, on logits up to ~6 in magnitude.
 ATOL = 1e-4
 
@@ -44,9 +48,14 @@ def docs():
             "image": g.prompt_document("Look:", png(), None)}
 
 
+def on(model, device):
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["text", "image"])
-def test_greedy_with_the_cache_gives_the_tokens_of_full_recomputation(model, tok, kind):
-    doc = docs()[kind]
+def test_greedy_with_the_cache_gives_the_tokens_of_full_recomputation(model, tok, kind, device):
+    doc, model = docs()[kind], on(model, device)
     cached = g.generate(model, tok, doc, max_new_tokens=24, temperature=0, seed=0)
     full = g.generate(model, tok, doc, max_new_tokens=24, temperature=0, seed=0, kv_cache=False)
     assert cached == full
@@ -59,24 +68,26 @@ def test_sampled_with_the_cache_gives_the_tokens_of_full_recomputation(model, to
     assert g.generate(model, tok, doc, **kw) == g.generate(model, tok, doc, kv_cache=False, **kw)
 
 
-def test_cached_logits_match_the_full_forward_at_every_step(model, tok):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_logits_match_the_full_forward_at_every_step(model, tok, device):
     """Two prompts of different lengths (one with an image) prefilled as one packed batch, then
     fed the same 12 tokens one step at a time; at every step each row's logits equal the full
     forward's logits over that row's whole sequence."""
-    spec = model.cfg.media()
+    spec, model = model.cfg.media(), on(model, device)
     tokenized = [g.tokenize_document(d, tok, spec, max_image_pixels=10**6) for d in docs().values()]
     prompts = [t.tokens[:-1].tolist() for t in tokenized]
     assert len(prompts[0]) != len(prompts[1])
     fed = torch.randint(0, 256, (12, 2), generator=torch.Generator().manual_seed(1))
-    logits, cache = prefill(model, g.packed_batch(tokenized, prompts, spec, tok), capacity=64)
+    batch = g.packed_batch(tokenized, prompts, spec, tok).to(device)
+    logits, cache = prefill(model, batch, capacity=64)
     steps = [logits]
     for ids in fed:
-        steps.append(decode_step(model, cache, ids))
+        steps.append(decode_step(model, cache, ids.to(device)))
     assert cache.lengths.tolist() == [len(p) + 12 for p in prompts]
     for b, (doc, prompt) in enumerate(zip(tokenized, prompts)):
         seq = prompt + fed[:, b].tolist()
         at = torch.arange(len(prompt) - 1, len(seq))
-        full = model.logits_at(g.one_row_batch(doc, seq, spec, tok), at)
+        full = model.logits_at(g.one_row_batch(doc, seq, spec, tok).to(device), at.to(device))
         cached = torch.stack([s[b] for s in steps])
         torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
 
