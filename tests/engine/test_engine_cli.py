@@ -142,6 +142,14 @@ def test_generate_with_text_image_and_audio(runs, demo_corpus, tmp_path):
             assert generate.main(args) == 0
         outputs.append(out.getvalue())
     assert outputs[0] == outputs[1]  # greedy is deterministic
+    prompts = tmp_path / "prompts.txt"  # a batch: one output line per prompt, in order
+    prompts.write_text("Look:\nThe\n")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert generate.main([*args[:1], "--prompts-file", str(prompts), *args[3:]]) == 0
+    lines = out.getvalue().split("\n")
+    assert len(lines) == 3 and lines[2] == ""
+    assert lines[0] == generate.one_line(outputs[0].removesuffix("\n"))
 
     model, _, _ = load_checkpoint_model(root / "A")
     tok = ByteTokenizer()
