@@ -44,10 +44,16 @@ def test_meta_build_then_init_matches_a_direct_build():
 
 
 def real_batch(corpus):
+    """The first loader batch that holds both an image and an audio clip (which batch that is
+    depends on the shuffle, not on the model)."""
     cfg = DataConfig(train=str(corpus / "train"), num_workers=0, num_streams=2, seq_len=256,
                      micro_batch_size=2)
-    return ShardLoader(cfg, spec=TINY.media(), tokenizer=ByteTokenizer(), rank=0,
-                       world_size=1).next_batch()
+    loader = ShardLoader(cfg, spec=TINY.media(), tokenizer=ByteTokenizer(), rank=0, world_size=1)
+    for _ in range(50):
+        batch = loader.next_batch()
+        if batch.image_patches.shape[0] and batch.audio_tokens.shape[0]:
+            return batch
+    raise AssertionError("50 demo batches without both an image and an audio clip")
 
 
 def test_forward_backward_on_an_interleaved_batch(demo_corpus):

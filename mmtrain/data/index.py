@@ -93,6 +93,8 @@ def sample_offsets(directory: str | os.PathLike) -> dict[str, list[int]] | None:
                 return None
             cols = manifest.read(columns=["shard", "offset"], use_threads=False).to_pydict()
     except (OSError, ValueError) as e:
+        if storage.fd_exhaustion(e):  # not a missing manifest: stop, naming the cause
+            raise RuntimeError(storage.fd_exhaustion_message(str(path), e)) from e
         raise ValueError(f"{path} cannot be read: {e}") from None
     offsets: dict[str, list[int]] = {}
     for shard, offset in zip(cols["shard"], cols["offset"]):
