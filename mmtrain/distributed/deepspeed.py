@@ -36,8 +36,13 @@ def init_distributed(cfg: EngineConfig, *, device: str = "auto") -> tuple[int, i
     import deepspeed
 
     backend, use_cuda = resolve_backend(cfg, device)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+    # DeepSpeed builds its data-parallel groups with new_group() and no timeout, and torch gives
+    # those its module default (30 min), not the world group's. Make engine.timeout_minutes that
+    # default, so a stopped or dead rank ends every collective (ZeRO's included) within it.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
