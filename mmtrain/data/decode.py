@@ -108,22 +108,29 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
     return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 
+def mono_clip(data: bytes, need: int, sample_rate: int, frames_at) -> np.ndarray:
+    """Audio bytes → float32 mono waveform of exactly `need` samples at `sample_rate` (cropped or
+    zero-padded). `frames_at(source_rate)` says how many source frames to decode: cropping before
+    resampling, so a long clip is never decoded or resampled whole."""
+    wave, rate = decode_audio_bytes(data, frames_at)
+    mono = wave.mean(axis=0)
+    if rate != sample_rate:
+        from scipy.signal import resample_poly
+
+        g = math.gcd(rate, sample_rate)
+        mono = resample_poly(mono, sample_rate // g, rate // g).astype(np.float32)
+    if not np.isfinite(mono).all():
+        raise SampleError("audio holds non-finite samples")
+    return np.pad(mono[:need], (0, max(0, need - len(mono)))).astype(np.float32)
+
+
 def decode_audio(data: bytes, spec: MediaSpec) -> np.ndarray:
     """Audio bytes → log-mel tokens [A, Da]: mono, resampled, cropped/padded to the clip length."""
     frames = spec.audio_frames
     need = (frames - 1) * spec.hop_length + spec.n_fft  # samples at spec.sample_rate
     # Crop before resampling: only the frames the clip needs are decoded and resampled.
-    wave, rate = decode_audio_bytes(
-        data, lambda rate: _source_frames(need, rate, spec.sample_rate))
-    mono = wave.mean(axis=0)
-    if rate != spec.sample_rate:
-        from scipy.signal import resample_poly
-
-        g = math.gcd(rate, spec.sample_rate)
-        mono = resample_poly(mono, spec.sample_rate // g, rate // g).astype(np.float32)
-    if not np.isfinite(mono).all():
-        raise SampleError("audio holds non-finite samples")
-    mono = np.pad(mono[:need], (0, max(0, need - len(mono))))
+    mono = mono_clip(data, need, spec.sample_rate,
+                     lambda rate: _source_frames(need, rate, spec.sample_rate))
     windows = np.lib.stride_tricks.sliding_window_view(mono, spec.n_fft)[::spec.hop_length][:frames]
     power = np.abs(np.fft.rfft(windows * np.hanning(spec.n_fft).astype(np.float32), axis=-1)) ** 2
     mel = power @ mel_filterbank(spec.n_mels, spec.n_fft, spec.sample_rate).T  # [frames, n_mels]

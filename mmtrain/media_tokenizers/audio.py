@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from vector_quantize_pytorch import FSQ
 
-from mmtrain.data.decode import decode_audio_bytes
-from mmtrain.data.schema import SampleError
+from mmtrain.data.decode import mono_clip
 from mmtrain.media_tokenizers.layers import Decoder, Encoder, check_architecture
 
 
@@ -164,17 +163,8 @@ class AudioTokenizer(nn.Module):
         cfg = self.config
         need = cfg.samples
         # Decode a little past the clip: resampling looks a few input samples ahead.
-        wave, rate = decode_audio_bytes(data, lambda r: math.ceil(need * r / cfg.sample_rate)
-                                        + r // 50)
-        mono = wave.mean(axis=0)
-        if rate != cfg.sample_rate:
-            from scipy.signal import resample_poly
-
-            g = math.gcd(rate, cfg.sample_rate)
-            mono = resample_poly(mono, cfg.sample_rate // g, rate // g).astype(np.float32)
-        if not np.isfinite(mono).all():
-            raise SampleError("audio holds non-finite samples")
-        return np.pad(mono[:need], (0, max(0, need - len(mono)))).astype(np.float32)
+        return mono_clip(data, need, cfg.sample_rate,
+                         lambda r: math.ceil(need * r / cfg.sample_rate) + r // 50)
 
     def to_wave(self, mel_norm: np.ndarray | torch.Tensor,
                 vocoder: Vocoder | None = None) -> np.ndarray:

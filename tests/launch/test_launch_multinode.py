@@ -211,23 +211,30 @@ def test_a_stopped_rank_leaves_the_others_stacks_then_the_job_resumes(demo_corpu
         assert got[s] == want[s], f"step {s}: {got[s]!r} != {want[s]!r}"
 
 
-def test_a_rank_killed_on_one_node_restarts_both_nodes(demo_corpus, baseline, tmp_path):
-    """2 nodes × 1 rank on loopback (--max-restarts defaults to 3 on several nodes): kill node 1's
-    rank; both nodes restart, resume, and train like the uninterrupted run. Every start of the
-    ranks keeps its own log folder on both nodes (node 0's first traceback is not overwritten)."""
+def two_nodes_past_step_2(demo_corpus, tmp_path, name, nnodes, *extra):
+    """Start 2 loopback nodes × 1 rank (node 1 first: it waits for node 0) and wait until the run
+    has committed step 2; returns (node0, node1, run directory)."""
     port = free_port()
-    common = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
-              "--monitor-interval", "0.5")
-    node1 = start(demo_corpus, tmp_path, "xnode", *common, "--node-rank", "1")  # waits for 0
+    common = ("--nnodes", nnodes, "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+              "--monitor-interval", "0.5", *extra)
+    node1 = start(demo_corpus, tmp_path, name, *common, "--node-rank", "1")
     time.sleep(1)
-    node0 = start(demo_corpus, tmp_path, "xnode", *common, "--node-rank", "0")
-    run = tmp_path / "xnode"
+    node0 = start(demo_corpus, tmp_path, name, *common, "--node-rank", "0")
+    run = tmp_path / name
     latest = run / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not (latest.is_file() and latest.read_text().strip() >= "step_00000002"):
         assert node0.poll() is None and node1.poll() is None and time.monotonic() < deadline, \
             "no checkpoint was committed"
         time.sleep(0.02)
+    return node0, node1, run
+
+
+def test_a_rank_killed_on_one_node_restarts_both_nodes(demo_corpus, baseline, tmp_path):
+    """2 nodes × 1 rank on loopback (--max-restarts defaults to 3 on several nodes): kill node 1's
+    rank; both nodes restart, resume, and train like the uninterrupted run. Every start of the
+    ranks keeps its own log folder on both nodes (node 0's first traceback is not overwritten)."""
+    node0, node1, run = two_nodes_past_step_2(demo_corpus, tmp_path, "xnode", "2")
     (victim,) = rank_pids(node1.pid)
     os.kill(victim, signal.SIGKILL)
     finish(node0)
@@ -250,19 +257,8 @@ def test_a_rank_killed_on_one_node_restarts_both_nodes(demo_corpus, baseline, tm
 def test_an_elastic_job_goes_on_without_a_lost_node(demo_corpus, tmp_path):
     """--nnodes 1:2 and node 1 lost for good (its launcher, agent and rank killed): node 0's job
     restarts alone, the ranks convert the 2-rank checkpoint to 1 rank, and the run finishes."""
-    port = free_port()
-    common = ("--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
-              "--monitor-interval", "0.5", "--rdzv-last-call", "10")
-    node1 = start(demo_corpus, tmp_path, "elastic", *common, "--node-rank", "1")
-    time.sleep(1)
-    node0 = start(demo_corpus, tmp_path, "elastic", *common, "--node-rank", "0")
-    run = tmp_path / "elastic"
-    latest = run / "checkpoints" / "latest"
-    deadline = time.monotonic() + 240
-    while not (latest.is_file() and latest.read_text().strip() >= "step_00000002"):
-        assert node0.poll() is None and node1.poll() is None and time.monotonic() < deadline, \
-            "no checkpoint was committed"
-        time.sleep(0.02)
+    node0, node1, run = two_nodes_past_step_2(demo_corpus, tmp_path, "elastic", "1:2",
+                                              "--rdzv-last-call", "10")
     for pid in [node1.pid, *descendants(node1.pid)]:
         os.kill(pid, signal.SIGKILL)
     node1.communicate()
