@@ -693,7 +693,9 @@ class ShardLoader:
 
     def _check_state(self, st: dict[str, Any]) -> None:
         if st.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {st.get('version')} is not {STATE_VERSION}")
+            raise ValueError(f"loader state version {st.get('version')} is not {STATE_VERSION}: the "
+                             "checkpoint was saved by an older mmtrain whose data order this one "
+                             "cannot continue exactly; start over with --fresh")
         shuffle = [self.cfg.shuffle_shards, self.cfg.shuffle_buffer]
         if (st["num_streams"] != self.cfg.num_streams or st["seed"] != self.cfg.seed
                 or st["shuffle"] != shuffle):
