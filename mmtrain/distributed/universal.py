@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from mmtrain.distributed.collectives import Collectives
+
 log = logging.getLogger("mmtrain.engine")
 
 
@@ -87,16 +89,16 @@ def convert(root: Path, tag: str) -> Path:
 
 def load_resharded(engine: Any, root: Path, tag: str) -> dict[str, Any]:
     """Convert on rank 0, load on every rank, clean up. Returns the client state."""
-    rank = torch.distributed.get_rank()
-    error = [None]
-    if rank == 0:
+    coll = Collectives(engine.device)  # on the engine's device: NCCL serves no CPU tensor
+    error = None
+    if coll.rank == 0:
         try:
             convert(root, tag)
         except ValueError as e:
-            error[0] = str(e)
-    torch.distributed.broadcast_object_list(error, src=0)  # every rank fails, not only rank 0
-    if error[0] is not None:
-        raise ValueError(error[0])
+            error = str(e)
+    error = coll.broadcast_json(error)  # every rank fails, not only rank 0
+    if error is not None:
+        raise ValueError(error)
     load_dir = universal_dir(root, tag)
     groups_before = _group_hyperparameters(engine)
     engine._config.load_universal_checkpoint = True  # DeepSpeed's switch ("checkpoint.load_universal")
@@ -110,8 +112,8 @@ def load_resharded(engine: Any, root: Path, tag: str) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed could not load the universal form of {root / tag}")
     if engine.zero_optimization_stage() == 3:
         _repair_zero3_load(engine, load_dir / tag, groups_before)
-    torch.distributed.barrier()
-    if rank == 0:
+    coll.barrier()
+    if coll.rank == 0:
         shutil.rmtree(load_dir, ignore_errors=True)
     return client_state or {}
 
