@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmtrain.checkpoint import Checkpointer  # noqa: E402
+from mmtrain.distributed.safe_load import deepspeed_safe_globals  # noqa: E402
 from mmtrain.config import RunConfig  # noqa: E402
 from mmtrain.distributed import deepspeed as ds  # noqa: E402
 from mmtrain.distributed.config import EngineConfig  # noqa: E402
@@ -142,6 +143,12 @@ def main() -> int:
         times["ours"].append(time.perf_counter() - t0)
         sizes["ours"] = dir_bytes(ckpt)
 
+    # The baseline wrote the same state: its last file loads back to the engine's parameters,
+    # unchanged since (no step runs in the rounds).
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):  # the optimizer's loss scaler
+        last = torch.load(base / f"torch_save_fsync_{args.rounds - 1}.pt", weights_only=True)["module"]
+    baseline_ok = all(torch.equal(last[n], t) for n, t in engine.module.state_dict().items())
+
     # Blocking, as the training loop sees it: plain steps, then step, save, steps while the
     # background writer runs, wait.
     os.sync()
@@ -178,7 +185,7 @@ def main() -> int:
         "goal": GOAL, "blocked_s": round(blocked, 3), "step_s": round(step_s, 3),
         "blocking_steps": round(blocked / step_s, 3), "blocking_goal_steps": BLOCKING_GOAL,
         "steps_during_write_s": [round(x, 3) for x in overlapped], "wait_after_s": round(waited, 3),
-        "loads_back_identically": identical, "training_moved_on": moved_on,
+        "loads_back_identically": identical, "baseline_loads_back": baseline_ok, "training_moved_on": moved_on,
         "rounds": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "dir": str(base),
     }
@@ -201,10 +208,11 @@ def main() -> int:
         print(f"  steps while the writer ran     {result['steps_during_write_s']} s; then waited "
               f"{waited:.3f} s for the commit")
         print(f"  loaded back identically        {'yes' if identical else 'NO'}")
+        print(f"  baseline file loads back       {'yes' if baseline_ok else 'NO'}")
     if not args.dir:
         shutil.rmtree(base, ignore_errors=True)
     torch.distributed.destroy_process_group()
-    return 0 if identical and moved_on else 1
+    return 0 if identical and moved_on and baseline_ok else 1
 
 
 if __name__ == "__main__":

@@ -48,4 +48,10 @@ def test_sigusr2_appends_stacks_even_without_the_timer(tmp_path):
 
 
 def test_starts_under_a_captured_stderr(tmp_path, capsys):
-    Watchdog(tmp_path, rank=0, hang_seconds=0).start(step=0).stop()  # sys.stderr has no fileno
+    dog = Watchdog(tmp_path, rank=0, hang_seconds=60).start(step=0)  # sys.stderr has no fileno
+    try:
+        assert dog._thread is not None and dog._thread.is_alive()
+        assert (tmp_path / "stacks_rank_0_sigusr2.txt").is_file()  # SIGUSR2 is wired to a file
+    finally:
+        dog.stop()
+    assert not dog._thread.is_alive()
