@@ -21,11 +21,12 @@ import errno
 import os
 import posixpath
 import random
-import shutil
 import time
 import urllib.parse
 from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
+
+from mmtrain.fileio import atomic_copy_file, atomic_write_bytes
 
 # scheme → (fsspec protocol, the extra that provides it)
 SCHEMES = {"s3": ("s3", "s3"), "gs": ("gcs", "gcs"), "gcs": ("gcs", "gcs"),
@@ -177,16 +178,8 @@ def glob(pattern: str) -> list[str]:
 def put_file(src: Path, dest: str | os.PathLike) -> None:
     """Copy a complete local file to `dest` so that `dest` is either absent/old or whole."""
     if not is_url(dest):
-        target = local(dest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        local(dest).parent.mkdir(parents=True, exist_ok=True)
+        atomic_copy_file(src, local(dest))
         return
     check_writable(str(dest))
     fs, p = filesystem(str(dest))
@@ -196,8 +189,6 @@ def put_file(src: Path, dest: str | os.PathLike) -> None:
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     """Write a whole file atomically (see put_file)."""
     if not is_url(dest):
-        from mmtrain.fileio import atomic_write_bytes
-
         local(dest).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(local(dest), data)
         return
