@@ -302,4 +302,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's native teardown, as decode workers do
+    # (mmtrain.data.loader.exit_without_teardown): C++ thread pools (Arrow's, started by reading the
+    # manifest's offsets) can abort it with "terminate called without an active exception" after
+    # everything is written and committed. Exceptions still take the normal path above.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
