@@ -4,7 +4,7 @@
 #   benchmarks/gpu.sh DIR                  # one GPU, < 10 minutes on an H200 (planned; see docs)
 #   benchmarks/gpu.sh --dry-run DIR        # CPU, Triton interpreter, toy sizes, same code
 #   benchmarks/gpu.sh DIR --stages a,b     # a subset: env correctness attention doc_attention
-#                                          # dispatch rmsnorm cross_entropy train e2e
+#                                          # dispatch rmsnorm cross_entropy train e2e tokenizers
 #   benchmarks/gpu.sh DIR --stages e2e --e2e-runs 125m-zero2,125m-zero2-compile   # some e2e runs
 #
 # Each stage writes DIR/<stage>.json when it finishes; DIR/summary.md is written and printed last.

@@ -14,6 +14,7 @@ error and the script goes on; the exit status is 1 if any stage failed):
     cross_entropy  linear + cross-entropy vs eager PyTorch and torch.compile (time and memory)
     train          pure bf16 loop (no DeepSpeed, no loader, text-only) -- upper bound: tokens/s, MFU
     e2e            `mmtrain train` with DeepSpeed and the real loader, resumed once   [gpu_e2e.py]
+    tokenizers     media tokenizers' encode items/s vs all CPU cores (untrained)  [gpu_tokenizers.py]
 Last, OUT_DIR/summary.md: a short table with the ratios against the goals, also printed.
 
 Every stage that compares outputs fails when one is outside the stated tolerance (attention:
@@ -55,6 +56,8 @@ from gpu_common import (PEAK_BF16_TFLOPS, Deadline, Settings, bench_ms, cu_seqle
 from gpu_e2e import stage_e2e
 from gpu_e2e import summary_lines as e2e_summary_lines
 from gpu_requirements import check as check_requirements
+from gpu_tokenizers import stage_tokenizers
+from gpu_tokenizers import summary_lines as tokenizers_summary_lines
 
 # correctness, rmsnorm and cross_entropy stages: max error / max |fp32 reference| for outputs and
 # gradients, absolute for the loss
@@ -445,6 +448,7 @@ def summarize(results: dict[str, dict], long_seq: int = 2048) -> str:
         else:
             lines.append(f"| {PURE_LOOP}: {name} | failed or skipped, see train.json |")
     lines += e2e_summary_lines(results)
+    lines += tokenizers_summary_lines(results)
 
     failed = [name for name, rec in results.items() if rec.get("failed")]
     lines.append(f"| stages that failed | {', '.join(failed) if failed else 'none'} |")
@@ -462,6 +466,7 @@ STAGES: list[tuple[str, Callable[[Settings, Deadline], dict]]] = [
     ("cross_entropy", stage_cross_entropy),
     ("train", stage_train),
     ("e2e", stage_e2e),
+    ("tokenizers", stage_tokenizers),
 ]
 
 

@@ -189,3 +189,49 @@ def test_exit_status_and_stages_lacking_packages(tmp_path, monkeypatch):
     assert gpu_bench.main(["--dry-run", str(tmp_path / "b"), "--stages", "env,e2e"]) == 2
     assert json.loads((tmp_path / "b" / "env.json").read_text())["failed"] is False  # still ran
     assert json.loads((tmp_path / "b" / "e2e.json").read_text())["error"] == "not run: cannot import deepspeed"
+
+
+@cpu_only
+@pytest.mark.slow  # 12-26 s on 2 shared cores: process start, librosa's first call, tokenize-media
+def test_gpu_tokenizers_stage_dry_run(tmp_path):
+    """`--stages tokenizers` on CPU: both tokenizers' encode rows and the tokenize-media rows are
+    measured, codes agree (the same device on both sides in the dry run), the untrained weights are
+    said in the output, and the summary shows the ratios; an fp32 disagreement fails the stage."""
+    import gpu_tokenizers
+
+    out = tmp_path / "bench"
+    res = _dry_run(out, "tokenizers", timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    record = json.loads((out / "tokenizers.json").read_text())
+    assert record["failed"] is False, record.get("error") or record["failures"]
+    assert record["weights"] == "untrained" and "untrained" in res.stdout
+    for kind in ("image", "audio"):
+        rows = record["encode"][kind]["rows"]
+        assert [r["batch"] for r in rows] == [4, 16]
+        for row in rows:
+            assert row["cpu_items_per_s"] > 0 and row["fp32"]["items_per_s_on_device"] > 0
+            assert row["fp32"]["codes_agree_with_cpu"] == 1.0  # the same CPU computes both sides here
+            assert 0.5 < row["bf16_autocast"]["codes_agree_with_cpu"] <= 1.0
+    e2e = record["e2e"]["rows"][0]
+    assert e2e["codes_agree"] == 1.0 and e2e["cpu"]["media_items"] == e2e["device"]["media_items"] > 0
+    assert "| tokenizers: image encode, batch 16 (untrained weights) |" in res.stdout
+    assert not (out / "tokenizers").exists()  # the synthetic corpus and outputs are removed
+
+    assert gpu_tokenizers.agreement(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 5]])) == 0.75
+
+
+def test_gpu_tokenizers_fail_when_codes_disagree(tmp_path, monkeypatch):
+    """A device side that computes something else (other weights) fails the fp32 agreement check."""
+    import gpu_tokenizers
+    from gpu_common import Deadline, make_settings
+
+    def other_weights(tok, device):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return type(tok)(tok.config).eval().to(device)
+
+    monkeypatch.setattr(gpu_tokenizers, "device_copy", other_weights)
+    sizes = {"encode_batches": (4,), "min_seconds": 0.0, "min_reps": 1}
+    rec = gpu_tokenizers.encode_rows("image", make_settings(tmp_path, dry_run=True), Deadline(None), sizes, threads=1)
+    assert rec["rows"][0]["fp32"]["codes_agree_with_cpu"] < gpu_tokenizers.AGREEMENT_MIN
+    assert len(rec["failures"]) == 1 and "fp32 codes agree with the CPU's" in rec["failures"][0]
