@@ -33,7 +33,8 @@ from mmtrain import storage
 from mmtrain.data.schema import SampleError, parse_sample
 from mmtrain.media_tokenizers import (FitConfig, MediaTokenizer, build_tokenizer, evaluate, fit,
                                       load_tokenizer, save_tokenizer)
-from mmtrain.media_tokenizers.files import CODES_SUFFIX, CONFIG_JSON, codes_to_npy
+from mmtrain.data.schema import CODES_SUFFIX
+from mmtrain.media_tokenizers.files import CONFIG_JSON, codes_to_npy
 
 REJECTED = "rejected.jsonl"
 HELD_OUT_FRACTION = 0.1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def ensure_demo_data(cfg: RunConfig) -> None:
     local dataset of the run must exist."""
     if needs_demo_data(cfg):
         build_demo_data(cfg)
+    if cfg.data.synth_if_missing:
+        build_demo_tokenizers(cfg)
     check_local_datasets(cfg)
 
 
@@ -82,6 +85,37 @@ def build_demo_data(cfg: RunConfig) -> None:
                               seed=cfg.data.synth_seed, shards=max(8, cfg.data.num_streams))
     print(f"  train: {train['totals']['samples']} samples in {train['totals']['shards']} shards; "
           f"val: {val['totals']['samples']} samples", flush=True)
+
+
+def build_demo_tokenizers(cfg: RunConfig) -> None:
+    """Train the demo's media tokenizers (data.image_tokenizer / data.audio_tokenizer) that are
+    absent, both at once (one process and one thread each), through the same command a user runs:
+    `mmtrain data train-media-tokenizer KIND TRAIN --val VAL -o DIR`."""
+    missing = [(kind, directory) for kind, directory in (("image", cfg.data.image_tokenizer),
+                                                         ("audio", cfg.data.audio_tokenizer))
+               if directory and not (Path(directory) / "config.json").is_file()]
+    if not missing:
+        return
+    if not cfg.data.val:
+        raise ValueError("data.synth_if_missing trains the demo's media tokenizers on data.train, "
+                         "measured on data.val: set data.val")
+    print(f"training the demo's {' and '.join(k for k, _ in missing)} tokenizer"
+          f"{'s' if len(missing) > 1 else ''} ...", flush=True)
+    procs = []
+    for kind, directory in missing:
+        log = Path(directory).parent / f"{kind}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mmtrain", "data", "train-media-tokenizer", kind,
+               cfg.data.train, "--val", cfg.data.val, "-o", directory, "--overwrite"]
+        with open(log, "wb") as out:
+            procs.append((kind, directory, log, subprocess.Popen(cmd, stdout=out,
+                                                                 stderr=subprocess.STDOUT)))
+    for kind, directory, log, proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"training the demo's {kind} tokenizer failed; see {log}")
+        quality = json.loads((Path(directory) / "config.json").read_text())["quality"]
+        shown = {k: v for k, v in quality.items() if k not in ("held_out",)}
+        print(f"  {kind} tokenizer -> {directory}: {shown}", flush=True)
 
 
 def device_kind(cfg: RunConfig) -> str:

@@ -47,3 +47,36 @@ def evaluate(token_losses: Callable[[Batch], torch.Tensor], batches: list[Batch]
     return {"loss": loss / max(n, 1.0), "caption_loss": cap_real / n_cap,
             "caption_loss_shuffled": cap_shuf / n_cap,
             "media_gain": (cap_shuf - cap_real) / n_cap, "caption_tokens": n_cap}
+
+
+@torch.no_grad()
+def generation_gains(token_losses: Callable[[Batch], torch.Tensor],
+                     sets: dict[str, tuple[list[Batch], list[Batch]]],
+                     code_ranges: dict[str, tuple[int, int]], device: torch.device,
+                     collectives: Collectives | None) -> dict[str, float]:
+    """Per generated kind: code loss with the true captions, with shuffled captions, and the gain
+
+        {kind}_generation_gain = code loss (shuffled captions) − code loss (true captions)
+
+    in nats per code (`loader.generation_eval_batches` makes the two sets; they hold the same
+    codes). ~0 for a model that draws media regardless of the caption, clearly > 0 for one that
+    draws what the caption says. Every rank must call this with the same kinds.
+    """
+    out: dict[str, float] = {}
+    for kind in sorted(code_ranges):
+        first, stop = code_ranges[kind]
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # true, n, shuffled, n
+        for i, batches in enumerate(sets.get(kind, ([], []))):
+            for batch in batches:
+                batch = batch.to(device)
+                mask = (batch.targets >= first) & (batch.targets < stop)
+                sums[2 * i] += token_losses(batch).double()[mask].sum()
+                sums[2 * i + 1] += mask.sum()
+        true, n_true, shuffled, n_shuffled = (collectives.sum(sums) if collectives is not None
+                                              else sums.tolist())
+        if n_true == 0 or n_shuffled == 0:
+            continue
+        out[f"{kind}_code_loss"] = true / n_true
+        out[f"{kind}_code_loss_shuffled"] = shuffled / n_shuffled
+        out[f"{kind}_generation_gain"] = shuffled / n_shuffled - true / n_true
+    return out

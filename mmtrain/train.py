@@ -26,11 +26,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from mmtrain import kernels
 from mmtrain.checkpoint import Checkpointer
 from mmtrain.config import RunConfig, from_dict
-from mmtrain.data.loader import ShardLoader, eval_batches
+from mmtrain.data.loader import ShardLoader, eval_batches, generation_eval_batches
 from mmtrain.data.tokenizer import build_tokenizer
 from mmtrain.distributed import deepspeed as ds
 from mmtrain.distributed.collectives import Collectives
-from mmtrain.evaluate import evaluate
+from mmtrain.evaluate import evaluate, generation_gains
 from mmtrain.health import (EXIT_DIVERGED, Diverged, LossMonitor, PreemptionFlag, StepFlags,
                             parameters_finite)
 from mmtrain.metrics import MetricsLogger, share_metrics
@@ -87,6 +87,12 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     val = (eval_batches(cfg.data.val, cfg.data, spec=spec, tokenizer=tokenizer, rank=rank,
                         world_size=world, num_batches=cfg.train.eval_batches)
            if cfg.data.val and cfg.train.eval_batches else [])
+    # The generation gains (caption → image / audio codes), on items of the same held-out split.
+    generated = {kind: cfg.model.code_range(kind) for kind in loader.media_tokenizers()}
+    val_generation = (generation_eval_batches(cfg.data.val, cfg.data, spec=spec, tokenizer=tokenizer,
+                                              rank=rank, world_size=world,
+                                              items_per_kind=8 * cfg.train.eval_batches)
+                      if val and generated else {})
 
     step = 0
     ckpt = None if fresh else checkpointer.find_resume(resume)
@@ -116,12 +122,21 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
     def run_eval(at: int) -> dict[str, float]:
         engine.module.eval()
         result = evaluate(engine.module.token_losses, val, device, coll)
+        if generated:
+            result.update(generation_gains(engine.module.token_losses, val_generation, generated,
+                                           device, coll))
         engine.module.train()
         metrics.log(at, result, prefix="val")
         if rank == 0:
             print(f"eval @ step {at}: loss {result['loss']:.4f} | caption loss "
                   f"{result['caption_loss']:.4f} (shuffled media {result['caption_loss_shuffled']:.4f})"
                   f" | media gain {result['media_gain']:+.4f} nats/caption token", flush=True)
+            for kind in sorted(generated):
+                if f"{kind}_generation_gain" in result:
+                    print(f"eval @ step {at}: {kind} code loss {result[f'{kind}_code_loss']:.4f} "
+                          f"(shuffled captions {result[f'{kind}_code_loss_shuffled']:.4f}) | "
+                          f"{kind}-generation gain {result[f'{kind}_generation_gain']:+.4f} "
+                          "nats/code", flush=True)
         return result
 
     preempt = PreemptionFlag()

@@ -31,9 +31,12 @@ def cli_env() -> dict[str, str]:
 
 
 # The tiny model and data layout every CLI-level test trains (a few seconds per step on 2 cores).
+# No media generation unless a test asks for it (GENERATION_SETTINGS): the demo config's media
+# tokenizers would otherwise be trained first.
 TINY_SETTINGS = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
                  "data.seq_len": 256, "data.micro_batch_size": 2, "data.num_streams": 4,
-                 "train.log_every": 1}
+                 "train.log_every": 1, "data.image_tokenizer": '""', "data.audio_tokenizer": '""',
+                 "model.image_codes": 0, "model.audio_codes": 0}
 
 
 def tiny_train_cmd(corpus: Path, runs: Path, name: str, settings: dict, *extra: str) -> list[str]:

@@ -29,6 +29,10 @@ class Batch:
     caption_mask: torch.Tensor  # [B, T] bool: the target is a caption token describing media
     counts: dict[str, int]  # text/image/audio/pad tokens, documents, rows (for metrics)
     doc_keys: list = dataclasses.field(default_factory=list)  # (stream, key) of documents started
+    # [n_code_targets] int64: flat positions in B·T whose target is a media code (weighted by
+    # model.code_loss_weight in the loss); computed here so the model needs no host sync.
+    code_index: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch on `device`. Host-to-GPU copies start from page-locked memory (pinned here
@@ -89,6 +93,11 @@ def collate_rows(rows: list[Row], spec: MediaSpec, *, image_token: int, audio_to
     image_patches, image_index = stacked("image", spec.patches_per_image, spec.patch_dim)
     audio_tokens, audio_index = stacked("audio", spec.tokens_per_audio, spec.audio_token_dim)
     real = sum(r.real_tokens for r in rows)
+    targets = np.stack([r.targets for r in rows])
+    code_targets = targets >= spec.text_vocab if spec.image_codes + spec.audio_codes else \
+        np.zeros_like(targets, bool)
+    code_tokens = tokens >= spec.text_vocab if spec.image_codes + spec.audio_codes else \
+        np.zeros_like(tokens, bool)
     counts = {
         "rows": len(rows),
         "docs": sum(len(r.doc_lens) - (r.real_tokens < T) for r in rows),
@@ -99,11 +108,15 @@ def collate_rows(rows: list[Row], spec: MediaSpec, *, image_token: int, audio_to
         "images": len(images["image"][0]),
         "audio_clips": len(images["audio"][0]),
         "attention_pairs": attention_pairs(doc_lens),
+        "code_tokens": int(code_tokens.sum()),
+        "code_targets": int(code_targets.sum()),
+        "targets": int((targets != IGNORE).sum()),
     }
-    counts["text_tokens"] = real - counts["image_tokens"] - counts["audio_tokens"]
+    counts["text_tokens"] = real - counts["image_tokens"] - counts["audio_tokens"] - \
+        counts["code_tokens"]
     return Batch(
         tokens=torch.from_numpy(tokens),
-        targets=torch.from_numpy(np.stack([r.targets for r in rows])),
+        targets=torch.from_numpy(targets),
         positions=torch.from_numpy(np.stack([r.positions for r in rows])),
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(max(doc_lens)),
@@ -111,6 +124,7 @@ def collate_rows(rows: list[Row], spec: MediaSpec, *, image_token: int, audio_to
         audio_tokens=audio_tokens, audio_index=audio_index,
         caption_mask=torch.from_numpy(np.stack([r.caption for r in rows])),
         counts=counts,
+        code_index=torch.from_numpy(np.flatnonzero(code_targets).astype(np.int64)),
     )
 
 
@@ -144,4 +158,6 @@ def text_batch(tokens: torch.Tensor, doc_lens: list[list[int]], spec: MediaSpec 
                  caption_mask=torch.zeros(B, T, dtype=torch.bool),
                  counts={"rows": B, "docs": len(flat), "text_tokens": B * T, "image_tokens": 0,
                          "audio_tokens": 0, "pad_tokens": 0, "real_tokens": B * T,
-                         "images": 0, "audio_clips": 0, "attention_pairs": attention_pairs(flat)})
+                         "images": 0, "audio_clips": 0, "attention_pairs": attention_pairs(flat),
+                         "code_tokens": 0, "code_targets": 0,
+                         "targets": int((targets != IGNORE).sum())})

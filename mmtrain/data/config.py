@@ -21,6 +21,15 @@ class MediaSpec:
     sample_rate: int = 16000
     n_fft: int = 400
     hop_length: int = 160
+    # Generated media (ModelConfig.code_range): codes of a kind are token ids after the text
+    # vocabulary (text_vocab), image codes first; 0 codes: that kind is never generated.
+    text_vocab: int = 0
+    image_codes: int = 0
+    audio_codes: int = 0
+
+    def code_first(self, kind: str) -> int:
+        """The token id of code 0 of `kind` ("image" or "audio")."""
+        return self.text_vocab + (0 if kind == "image" else self.image_codes)
 
     @property
     def patches_per_image(self) -> int:
@@ -73,6 +82,17 @@ class DataConfig:
     read_ahead: int = 2  # blocks fetched ahead per remote shard being read
     io_block_mb: int = 8  # a shard is read in blocks of this many MiB (one range request each)
     max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header
+    # Media generation (docs/architecture.md, "Any-to-any"). A media item of a kind with a
+    # tokenizer becomes, with probability generation_fraction (decided per item from data.seed and
+    # the sample key), a generation target: the text right after it (its caption) moves in front
+    # of it, and the item enters the sequence as <begin> codes <end>, the codes being targets.
+    # Otherwise it stays a continuous input, as without a tokenizer.
+    image_tokenizer: str = ""  # a directory from `mmtrain data train-media-tokenizer image`
+    audio_tokenizer: str = ""  # the same for audio
+    generation_fraction: float = 0.5
+    caption_dropout: float = 0.1  # a generation target's caption is dropped this often (for CFG)
+    codes: str = "auto"  # auto: stored KEY.M.codes.npy members when dataset.json's media_codes
+    #                      fingerprint is the tokenizer's, else encode on the fly | stored | encode
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, why: str) -> None:
@@ -99,3 +119,7 @@ class DataConfig:
         require(self.max_open_shards >= 1, "max_open_shards", "must be >= 1")
         require(self.read_ahead >= 0, "read_ahead", "must be >= 0")
         require(1 <= self.io_block_mb <= 1024, "io_block_mb", "must be in [1, 1024]")
+        require(0 <= self.generation_fraction <= 1, "generation_fraction", "must be in [0, 1]")
+        require(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
+        require(self.codes in ("auto", "stored", "encode"), "codes",
+                "must be auto, stored or encode")

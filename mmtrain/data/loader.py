@@ -49,8 +49,9 @@ from mmtrain import storage
 from mmtrain.data import index as dataset_index
 from mmtrain.data.batch import Batch, collate_rows
 from mmtrain.data.config import DataConfig, MediaSpec
-from mmtrain.data.packing import Packer, Row, tokenize_document
-from mmtrain.data.schema import SampleError, parse_sample
+from mmtrain.data.media_codes import GENERATE, INPUT, MediaCodes
+from mmtrain.data.packing import Packer, Row, TokenizedDoc, tokenize_document
+from mmtrain.data.schema import Document, SampleError, Segment, parse_sample
 from mmtrain.data.shard_io import ShardIO, ShardUnreadable
 from mmtrain.data.tokenizer import Tokenizer
 
@@ -72,6 +73,7 @@ class ShardSet:
         self.samples = [int(s["samples"]) for s in index["shards"]]
         self.bytes = [int(s["bytes"]) for s in index["shards"]]
         self.fingerprint = index["fingerprint"]
+        self.media_codes = index.get("media_codes") or {}  # what `tokenize-media` stored
         self.urls = [f"{self.directory}/{name}" if self.directory.startswith("pipe:")
                      else storage.join(self.directory, name) for name in self.names]
         self._offsets: dict[str, list[int]] | None = None  # from the manifest, at the first seek
@@ -118,10 +120,15 @@ class StreamPlan:
     Global stream id s = dataset · num_streams + j, where j is the stream's index in its dataset.
     """
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, codes: MediaCodes | None = None) -> None:
         sources = cfg.mix or {cfg.train: 1.0}
         self.names = list(sources)
         self.sets = [ShardSet(base, allow_pipe=cfg.allow_pipe) for base in sources]
+        # Media generation: the run's MediaCodes, and per dataset the kinds whose stored codes
+        # members it may use (the dataset recorded the configured tokenizer's fingerprint).
+        self.codes = codes if codes else None
+        self.stored_codes = [codes.stored_kinds({"media_codes": s.media_codes}) if codes
+                             else frozenset() for s in self.sets]
         total = float(sum(sources.values()))
         self.weights = [w / total for w in sources.values()]
         self.per_dataset = cfg.num_streams
@@ -276,7 +283,9 @@ class LogicalStream:
         try:
             members = {k: v for k, v in raw.items() if not k.startswith("__")}
             return tokenize_document(parse_sample(key, members), self.tok, self.spec,
-                                     max_image_pixels=self.cfg.max_image_pixels)
+                                     max_image_pixels=self.cfg.max_image_pixels,
+                                     codes=self.plan.codes,
+                                     use_stored=self.plan.stored_codes[self.dataset])
         except SampleError as e:
             self._skip(shard, key, str(e))
             return None
@@ -570,6 +579,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                               self.rank * workers + virtual, self.world_size * workers)
 
 
+def media_codes_for(cfg: DataConfig, spec: MediaSpec) -> MediaCodes | None:
+    """The run's MediaCodes when it generates media (a tokenizer is configured), else None."""
+    return MediaCodes(cfg, spec) if cfg.image_tokenizer or cfg.audio_tokenizer else None
+
+
 class ShardLoader:
     """One rank's view of the training data: an iterator of Batches with a saveable state.
 
@@ -583,7 +597,7 @@ class ShardLoader:
         # page-locked memory while the step runs, so the host-to-device copy is asynchronous.
         self.pin_memory = pin_memory
         self.rank, self.world_size = rank, world_size
-        self.plan = StreamPlan(cfg)
+        self.plan = StreamPlan(cfg, media_codes_for(cfg, spec))
         workers = max(1, cfg.num_workers)
         self.plan.check(world_size * workers)
         self.owned = [s for r in range(workers)
@@ -675,6 +689,7 @@ class ShardLoader:
                 "num_streams": self.cfg.num_streams, "seed": self.cfg.seed,
                 "shuffle": [self.cfg.shuffle_shards, self.cfg.shuffle_buffer],
                 "rank": self.rank, "world_size": self.world_size, "batches": self.batches,
+                "media_tokenizers": self.media_tokenizers(),
                 "streams": {str(s): dataclasses.asdict(self.states[s]) for s in self.owned}}
 
     def load_state_dict(self, rank_states: list[dict[str, Any]]) -> None:
@@ -709,6 +724,18 @@ class ShardLoader:
                 f"the data in {' + '.join(self.plan.names)} changed since the checkpoint (fingerprint "
                 f"{self.plan.fingerprint[:12]} != {st['fingerprint'][:12]}); set "
                 "data.allow_data_change=true to resume anyway")
+        saved = st.get("media_tokenizers", {})
+        if saved != self.media_tokenizers() and not self.cfg.allow_data_change:
+            raise ValueError(
+                f"the media tokenizers changed since the checkpoint (it trained on codes of "
+                f"{ {k: v[:12] for k, v in saved.items()} }, the config gives "
+                f"{ {k: v[:12] for k, v in self.media_tokenizers().items()} }: "
+                "data.image_tokenizer / data.audio_tokenizer); set data.allow_data_change=true to "
+                "resume anyway")
+
+    def media_tokenizers(self) -> dict[str, str]:
+        """{kind: fingerprint} of the media tokenizers whose codes this run trains on."""
+        return dict(self.plan.codes.fingerprints) if self.plan.codes else {}
 
     def epochs(self) -> float:
         """The lowest epoch any of this rank's streams is in (for reporting)."""
@@ -801,7 +828,7 @@ def eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec, tokenizer:
     across rows (a caption always sees its media). Cycles over the split if it is small."""
     eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_shards=1,
                                    shuffle_buffer=1)
-    plan = StreamPlan(eval_cfg)
+    plan = StreamPlan(eval_cfg, media_codes_for(cfg, spec))
     shards = plan.sets[0]
     stream = LogicalStream(0, plan, eval_cfg, spec, tokenizer, StreamState(), policy="drop")
     batches: list[Batch] = []
@@ -824,3 +851,70 @@ def eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec, tokenizer:
                     if len(batches) == num_batches:
                         return batches
     raise RuntimeError(f"{directory}: too little usable data for {num_batches} evaluation batches")
+
+
+def generation_eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec,
+                            tokenizer: Tokenizer, rank: int, world_size: int,
+                            items_per_kind: int) -> dict[str, tuple[list[Batch], list[Batch]]]:
+    """Held-out batches for the generation gains: {kind: (true batches, shuffled batches)}.
+
+    Every media item of a generated kind that has a caption (the text right after it) becomes the
+    document `<bos> caption <begin> codes <end> <eos>`; the shuffled set gives each item the
+    caption of the next item of its kind instead. Both sets hold the same code targets. Items are
+    striped over ranks in shard order; at most `items_per_kind` per kind on this rank.
+    """
+    codes = media_codes_for(cfg, spec)
+    if codes is None:
+        return {}
+    eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_shards=1,
+                                   shuffle_buffer=1)
+    plan = StreamPlan(eval_cfg, codes)
+    stream = LogicalStream(0, plan, eval_cfg, spec, tokenizer, StreamState(), policy="drop")
+    items: dict[str, list[tuple[str, Segment, str]]] = {kind: [] for kind in codes.dirs}
+    samples = ((shard, raw) for shard in range(len(plan.sets[0]))
+               for raw in stream._read_tar(shard))
+    for index, (shard, raw) in enumerate(samples):
+        if all(len(found) >= items_per_kind for found in items.values()):
+            break
+        if index % world_size != rank:
+            continue
+        key = raw["__key__"]
+        try:
+            doc = parse_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")})
+        except SampleError:
+            continue
+        for i, seg in enumerate(doc.segments[:-1]):
+            after = doc.segments[i + 1]
+            if seg.type in items and after.type == "text" and len(items[seg.type]) < items_per_kind:
+                items[seg.type].append((f"{key}#{i}", seg, after.text))
+    out = {}
+    for kind, found in items.items():
+        if len(found) < 2:
+            continue
+        captions = [caption for _, _, caption in found]
+        shuffled = captions[1:] + captions[:1]
+        out[kind] = tuple(_pair_batches(found, texts, stream, cfg, spec, tokenizer)
+                          for texts in (captions, shuffled))
+    return out
+
+
+def _pair_batches(items: list[tuple[str, Segment, str]], captions: list[str],
+                  stream: LogicalStream, cfg: DataConfig, spec: MediaSpec,
+                  tokenizer: Tokenizer) -> list[Batch]:
+    packer = Packer(cfg.seq_len, pad_id=tokenizer.pad, policy="drop",
+                    placeholder_ids=(tokenizer.image, tokenizer.audio))
+    for (key, seg, _), caption in zip(items, captions):
+        doc = Document(key=key, segments=[seg, Segment(type="text", text=caption)])
+        try:
+            packer.add(tokenize_document(doc, tokenizer, spec,
+                                         max_image_pixels=cfg.max_image_pixels,
+                                         codes=stream.plan.codes, decisions=[GENERATE, INPUT],
+                                         use_stored=stream.plan.stored_codes[0]))
+        except SampleError:
+            packer.add(TokenizedDoc(np.asarray([tokenizer.bos, tokenizer.eos]),
+                                    np.zeros(2, bool), []))  # keeps both sets aligned
+    packer.flush()
+    rows = list(packer.rows())
+    return [collate_rows(rows[i:i + cfg.micro_batch_size], spec, image_token=tokenizer.image,
+                         audio_token=tokenizer.audio)
+            for i in range(0, len(rows), cfg.micro_batch_size)]

@@ -3,6 +3,8 @@
 A document becomes `<bos> … <eos>`: text segments as tokens, each image as
 `<image_begin> <image>×P <image_end>`, each audio clip as `<audio_begin> <audio>×A <audio_end>`.
 The `<image>` / `<audio>` placeholder positions are filled by the model with the encoded media.
+A media item the model learns to generate (media_codes.py) is instead `<caption> <image_begin>
+code ids <image_end>` (the same for audio): its codes are targets like text.
 
 Rows are packed greedily. Policy "split" fills every row and cuts a document at the row end (never
 inside a media span); the rest continues in the next row as a new document (positions restart).
@@ -20,6 +22,7 @@ import numpy as np
 
 from mmtrain.data.config import MediaSpec
 from mmtrain.data.decode import decode_audio, decode_image
+from mmtrain.data.media_codes import GENERATE, INPUT, MediaCodes
 from mmtrain.data.schema import Document
 from mmtrain.data.tokenizer import Tokenizer
 
@@ -29,29 +32,51 @@ IGNORE = -100
 @dataclasses.dataclass
 class TokenizedDoc:
     tokens: np.ndarray  # [L] int64
-    caption: np.ndarray  # [L] bool: token belongs to a text segment that follows a media item
+    caption: np.ndarray  # [L] bool: token belongs to a text segment that follows a media input
     media: list[tuple[str, int, np.ndarray]]  # (kind, start of the placeholder run, [n, dim])
     pos: tuple = ()  # where the document sits in its stream (opaque here; used for resume)
     key: str = ""  # the sample key
+    code_spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # [begin, end]
+    #   marker positions of each generated media item (never cut by packing)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
 def tokenize_document(doc: Document, tok: Tokenizer, spec: MediaSpec, *,
-                      max_image_pixels: int) -> TokenizedDoc:
-    """Decode the media and tokenize the text of one document (raises SampleError when bad)."""
+                      max_image_pixels: int, codes: MediaCodes | None = None,
+                      use_stored: frozenset[str] = frozenset(),
+                      decisions: list[str] | None = None) -> TokenizedDoc:
+    """Decode the media and tokenize the text of one document (raises SampleError when bad).
+
+    With `codes` (a run that generates media), each media item is an input or a generation
+    target as `decisions` (default: `codes.decisions`) says. A target's caption, the text segment
+    right after it, moves in front of it (or is dropped: GENERATE_UNCONDITIONAL) and the item
+    becomes `<begin> code ids <end>`, predicted like text. `use_stored`: kinds whose stored codes
+    members may be used (MediaCodes.stored_kinds).
+    """
+    segments = doc.segments
+    if decisions is None:
+        decisions = codes.decisions(doc.key, [s.type for s in segments]) if codes else \
+            [INPUT] * len(segments)
     tokens: list[int] = [tok.bos]
     caption: list[bool] = [False]
     media: list[tuple[str, int, np.ndarray]] = []
+    code_spans: list[tuple[int, int]] = []
     previous = None
-    for seg in doc.segments:
+
+    def add_text(text: str, is_caption: bool) -> None:
+        ids = tok.encode(text if previous != "text" else " " + text)
+        tokens.extend(ids)
+        caption.extend([is_caption] * len(ids))
+
+    i = 0
+    while i < len(segments):
+        seg, decision = segments[i], decisions[i]
         if seg.type == "text":
-            text = seg.text if previous != "text" else " " + seg.text
-            ids = tok.encode(text)
-            tokens += ids
-            caption += [previous in ("image", "audio")] * len(ids)
-        else:
+            add_text(seg.text, previous in ("image", "audio"))
+            previous = "text"
+        elif decision == INPUT:
             if seg.type == "image":
                 values = decode_image(seg.data, spec, max_image_pixels)
                 begin, mark, end = tok.image_begin, tok.image, tok.image_end
@@ -62,10 +87,28 @@ def tokenize_document(doc: Document, tok: Tokenizer, spec: MediaSpec, *,
             media.append((seg.type, len(tokens), values))
             tokens += [mark] * len(values) + [end]
             caption += [False] * (len(values) + 2)
-        previous = seg.type
+            previous = seg.type
+        else:
+            if codes is None:
+                raise ValueError(f"decision {decision!r} needs MediaCodes")
+            ids = codes.token_ids(seg.type, seg.data, seg.codes, seg.type in use_stored)
+            has_caption = i + 1 < len(segments) and segments[i + 1].type == "text"
+            if has_caption:
+                if decision == GENERATE:
+                    add_text(segments[i + 1].text, False)
+                    previous = "text"
+                i += 1
+            begin, end = (tok.image_begin, tok.image_end) if seg.type == "image" else \
+                (tok.audio_begin, tok.audio_end)
+            code_spans.append((len(tokens), len(tokens) + len(ids) + 1))
+            tokens += [begin, *ids.tolist(), end]
+            caption += [False] * (len(ids) + 2)
+            previous = "generated"
+        i += 1
     tokens.append(tok.eos)
     caption.append(False)
-    return TokenizedDoc(np.asarray(tokens, np.int64), np.asarray(caption, bool), media)
+    return TokenizedDoc(np.asarray(tokens, np.int64), np.asarray(caption, bool), media,
+                        code_spans=code_spans)
 
 
 @dataclasses.dataclass
@@ -181,9 +224,10 @@ class Packer:
 
 
 def _cut_outside_media(doc: TokenizedDoc, start: int, stop: int) -> int:
-    """Move a cut point back so that no media span (begin marker … end marker) is cut."""
-    for _, mstart, values in doc.media:
-        span_begin, span_end = mstart - 1, mstart + len(values) + 1  # with begin/end markers
-        if span_begin < stop < span_end:
+    """Move a cut point back so that no media span (begin marker … end marker, of an input or
+    of generated codes) is cut."""
+    spans = [(mstart - 1, mstart + len(values)) for _, mstart, values in doc.media] + doc.code_spans
+    for span_begin, span_last in spans:
+        if span_begin < stop <= span_last:
             return max(start, span_begin)
     return stop

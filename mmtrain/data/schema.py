@@ -29,6 +29,7 @@ SCHEMA_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
 AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "opus")
 SEGMENT_TYPES = ("text", "image", "audio")
+CODES_SUFFIX = ".codes.npy"  # media member M's codes, written by `mmtrain data tokenize-media`
 
 
 class SampleError(ValueError):
@@ -41,6 +42,7 @@ class Segment:
     text: str = ""  # for text
     data: bytes = b""  # encoded media bytes, for image / audio
     member: str = ""  # the member suffix the media came from, e.g. "0.png" (or the extension)
+    codes: bytes = b""  # the stored codes member M.codes.npy of that media member, if any
 
 
 @dataclasses.dataclass
@@ -96,7 +98,8 @@ def parse_sample(key: str, members: dict[str, bytes]) -> Document:
     segments = []
     if media:
         ext, kind = media[0]
-        segments.append(Segment(type=kind, data=members[ext], member=ext))
+        segments.append(Segment(type=kind, data=members[ext], member=ext,
+                                codes=members.get(ext + CODES_SUFFIX, b"")))
     if "txt" in members:
         text = _text(members["txt"], f"sample {key}: member txt")
         if text.strip():
@@ -137,7 +140,8 @@ def _parse_segments(key: str, members: dict[str, bytes]) -> Document:
         member = member.lower()  # suffixes are compared lower-cased, as webdataset groups them
         if member not in members:
             raise SampleError(f"sample {key}: segment {i} refers to missing member {key}.{member}")
-        segments.append(Segment(type=seg["type"], data=members[member], member=member))
+        segments.append(Segment(type=seg["type"], data=members[member], member=member,
+                                codes=members.get(member + CODES_SUFFIX, b"")))
     if not segments:
         raise SampleError(f"sample {key}: KEY.json has no segments")
     unused = sorted(m for m in members if media_kind(m)

@@ -7,7 +7,8 @@ directories (files.py). See docs/architecture.md, "Media tokenizers".
 
 from mmtrain.media_tokenizers.audio import (AudioTokenizer, AudioTokenizerConfig, GriffinLimVocoder,
                                             Vocoder)
-from mmtrain.media_tokenizers.files import (CODES_SUFFIX, FORMAT_VERSION, MediaTokenizer,
+from mmtrain.data.schema import CODES_SUFFIX
+from mmtrain.media_tokenizers.files import (FORMAT_VERSION, MediaTokenizer,
                                             build_tokenizer, codes_from_npy, codes_to_npy,
                                             load_tokenizer, read_tokenizer_info, save_tokenizer,
                                             tokenizer_fingerprint)

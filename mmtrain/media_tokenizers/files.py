@@ -36,7 +36,6 @@ FORMAT = "mmtrain-media-tokenizer"
 FORMAT_VERSION = 1
 CONFIG_JSON = "config.json"
 WEIGHTS = "weights.safetensors"
-CODES_SUFFIX = ".codes.npy"  # a media member KEY.M's codes: member KEY.M.codes.npy (docs/data.md)
 
 MediaTokenizer = Union[ImageTokenizer, AudioTokenizer]
 KINDS: dict[str, tuple[type, type]] = {

@@ -32,6 +32,13 @@ class ModelConfig:
     n_mels: int = 40
     audio_seconds: float = 1.0
     audio_frames_per_token: int = 4
+    # Media generation (docs/architecture.md, "Any-to-any"): codebook sizes of the image and audio
+    # tokenizers (data.image_tokenizer / data.audio_tokenizer; 0: that modality is never generated).
+    # Their codes are output vocabulary placed after the text vocabulary: image codes at
+    # [vocab_size, vocab_size + image_codes), audio codes right after them.
+    image_codes: int = 0
+    audio_codes: int = 0
+    code_loss_weight: float = 1.0  # weight of a code target in the loss (a text target weighs 1)
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, why: str) -> None:
@@ -60,6 +67,19 @@ class ModelConfig:
         require(self.init_std > 0, "init_std", "must be > 0")
         require(0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
         require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        require(self.image_codes >= 0, "image_codes", "must be >= 0")
+        require(self.audio_codes >= 0, "audio_codes", "must be >= 0")
+        require(self.code_loss_weight > 0, "code_loss_weight", "must be > 0")
+
+    @property
+    def total_vocab(self) -> int:
+        """Rows of the embedding table and the output head: text vocabulary + media codes."""
+        return self.vocab_size + self.image_codes + self.audio_codes
+
+    def code_range(self, kind: str) -> tuple[int, int]:
+        """[first, stop) token ids of the image or audio codes."""
+        first = self.media().code_first(kind)
+        return first, first + (self.image_codes if kind == "image" else self.audio_codes)
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +95,9 @@ class ModelConfig:
     def media(self) -> MediaSpec:
         return MediaSpec(image_size=self.image_size, patch_size=self.patch_size,
                          audio_seconds=self.audio_seconds, n_mels=self.n_mels,
-                         audio_frames_per_token=self.audio_frames_per_token)
+                         audio_frames_per_token=self.audio_frames_per_token,
+                         text_vocab=self.vocab_size, image_codes=self.image_codes,
+                         audio_codes=self.audio_codes)
 
     def num_params(self, *, exclude_embedding: bool = False) -> int:
         """Parameter count from the shapes alone (no model needed); matches FusionTransformer."""
@@ -86,8 +108,8 @@ class ModelConfig:
         media = self.media()
         image = media.patch_dim * d + d + self.image_encoder_layers * (2 * d * d + 2 * d)
         audio = media.audio_token_dim * d + d
-        embed = self.vocab_size * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
+        embed = self.total_vocab * d
+        head = 0 if self.tie_embeddings else self.total_vocab * d
         total = self.n_layers * per_layer + d + image + audio + embed + head
         return total - embed if exclude_embedding else total
 
@@ -112,7 +134,7 @@ class ModelConfig:
     def _matmul_params(self) -> int:
         n = self.num_params(exclude_embedding=True)
         if self.tie_embeddings:  # the tied embedding still does the output projection's matmul
-            n += self.vocab_size * self.dim
+            n += self.total_vocab * self.dim
         return n
 
 

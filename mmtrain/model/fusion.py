@@ -128,12 +128,12 @@ class FusionTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.total_vocab, cfg.dim)
         self.image_encoder = ImageEncoder(cfg)
         self.audio_encoder = AudioEncoder(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.total_vocab, bias=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -180,9 +180,17 @@ class FusionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Mean next-token loss over the text targets of the batch."""
-        return kernels.linear_cross_entropy(self.hidden(batch), self.output_weight,
-                                            batch.targets.reshape(-1))
+        """Mean next-token loss over the targets of the batch, a media-code target weighing
+        model.code_loss_weight and a text target 1: (Σ_all l + (w − 1)·Σ_code l) / (n + (w − 1)·n_code)."""
+        hidden, targets = self.hidden(batch), batch.targets.reshape(-1)
+        w, n_code = self.cfg.code_loss_weight, batch.counts.get("code_targets", 0)
+        if w == 1.0 or n_code == 0:
+            return kernels.linear_cross_entropy(hidden, self.output_weight, targets)
+        total = kernels.linear_cross_entropy(hidden, self.output_weight, targets, reduction="sum")
+        codes = kernels.linear_cross_entropy(hidden[batch.code_index], self.output_weight,
+                                             targets[batch.code_index], reduction="sum")
+        n = batch.counts["targets"]  # counted by collate_rows, no host sync
+        return (total + (w - 1.0) * codes) / (n + (w - 1.0) * n_code)
 
     def token_losses(self, batch: Batch) -> torch.Tensor:
         """Per-target losses [B, T] (0 where the target is ignored), for evaluation."""
