@@ -153,7 +153,22 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
           f"{run_dir}", flush=True)
     from launch.supervise import run_child  # forwards SIGTERM/SIGINT to torchrun, hence the ranks
 
-    return run_child(cmd, env).returncode
+    code = run_child(cmd, env).returncode
+    if code == 0 and cfg.data.synth_if_missing and (cfg.data.image_tokenizer or
+                                                    cfg.data.audio_tokenizer):
+        show_demo_generations(cfg)
+    return code
+
+
+def show_demo_generations(cfg: RunConfig, count: int = 24) -> None:
+    """The demo's last word: pictures and sounds its model generates for demo captions, judged
+    against their captions and against chance (data_tools/synth_showcase.py)."""
+    from data_tools.synth_showcase import showcase, summary
+
+    results = showcase(cfg.train.run_dir, count=count)
+    print(summary(results, count), flush=True)
+    print(f"samples:       {cfg.train.run_dir / 'samples'} (image_sheet.png: generated above real)",
+          flush=True)
 
 
 def resolved_summary(cfg: RunConfig) -> str:

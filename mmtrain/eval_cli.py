@@ -2,7 +2,8 @@
 
 Prints the val loss, the caption loss with real and with shuffled media, the media gain (see
 mmtrain/evaluate.py) and next-token accuracy on caption tokens and on all text targets, over the
-held-out shards of the run's config (data.val, or --val).
+held-out shards of the run's config (data.val, or --val); for a run that generates media, also the
+code loss with true and shuffled captions and the image- / audio-generation gains.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 
 from mmtrain import kernels
 from mmtrain.data.batch import Batch
-from mmtrain.data.loader import eval_batches
+from mmtrain.data.loader import eval_batches, generation_eval_batches
 from mmtrain.data.tokenizer import build_tokenizer
-from mmtrain.evaluate import evaluate
+from mmtrain.evaluate import evaluate, generation_gains
 from mmtrain.export import load_checkpoint_model
 
 ROWS_PER_CHUNK = 4096  # logits are [rows, V]: bounded memory for large vocabularies
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                            world_size=1, num_batches=num_batches)
     result = evaluate(model.token_losses, batches, torch.device("cpu"), None)
     result.update(accuracy(model.logits_at, batches))
+    # Generation gains of the kinds the run generates (its media tokenizers, data.*_tokenizer).
+    generation = generation_eval_batches(val, cfg.data, spec=cfg.model.media(), tokenizer=tokenizer,
+                                         rank=0, world_size=1, items_per_kind=8 * num_batches)
+    result.update(generation_gains(model.token_losses, generation,
+                                   {kind: cfg.model.code_range(kind) for kind in generation},
+                                   torch.device("cpu"), None))
     step = json.loads((ckpt / "MANIFEST.json").read_text())["step"]
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "step": step, **result}))
@@ -78,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
           f"  media gain             {result['media_gain']:+.4f} nats/caption token\n"
           f"  caption-token accuracy {100 * result['caption_accuracy']:.2f}%\n"
           f"  text-token accuracy    {100 * result['text_accuracy']:.2f}%")
+    for kind in sorted(generation):
+        print(f"  {kind + '-generation gain':<22} {result[f'{kind}_generation_gain']:+.4f} nats/code "
+              f"(code loss {result[f'{kind}_code_loss']:.4f}, shuffled captions "
+              f"{result[f'{kind}_code_loss_shuffled']:.4f})")
     return 0
 
 

@@ -197,3 +197,25 @@ def test_generation_gain_sets_hold_the_same_codes_with_other_captions(demo_corpu
         shuffled_texts = [TOK.decode(b.tokens[r].tolist()) for b in shuffled
                           for r in range(b.num_rows)]
         assert texts != shuffled_texts
+
+
+def test_stored_codes_from_tokenize_media_give_the_batches_of_on_the_fly_codes(demo_corpus,
+                                                                               tokenizers, tmp_path):
+    from data_tools.media_tokenizer import tokenize_media
+
+    coded = tmp_path / "coded"
+    tokenize_media(str(demo_corpus / "train"), [str(tokenizers / "image"), str(tokenizers / "audio")],
+                   str(coded))
+    stored = data_cfg(demo_corpus, tokenizers, train=str(coded), codes="stored",
+                      generation_fraction=1.0)
+    on_the_fly = dataclasses.replace(stored, codes="encode")
+    loaders = [ShardLoader(c, spec=SPEC, tokenizer=TOK, rank=0, world_size=1)
+               for c in (stored, on_the_fly)]
+    assert loaders[0].plan.stored_codes == [frozenset({"image", "audio"})]
+    assert loaders[1].plan.stored_codes == [frozenset()]
+    for _ in range(3):
+        a, b = (loader.next_batch() for loader in loaders)
+        assert a.counts["code_targets"] > 0
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.targets, b.targets)
+    for loader in loaders:
+        loader.close()
