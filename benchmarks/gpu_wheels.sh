@@ -28,7 +28,7 @@ mkdir -p "$dest"
 # small packages, with their own dependencies
 "$python" -m pip download --quiet "${target[@]}" -d "$dest" \
     pydantic hjson msgpack py-cpuinfo ninja einops psutil nvidia-ml-py braceexpand cffi pycparser \
-    aiohttp loguru frozendict
+    aiohttp loguru frozendict safetensors
 if [[ -n "${EXTRA_PACKAGES:-}" ]]; then
     # shellcheck disable=SC2086  # a list of names
     "$python" -m pip download --quiet "${target[@]}" -d "$dest" ${EXTRA_PACKAGES}

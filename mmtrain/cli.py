@@ -14,8 +14,9 @@ commands:
   train      train (no arguments: the tiny text+image+audio demo on 2 CPU ranks)
   data       shard tools: build, synth, verify, stats, inspect, dedup, split, train-tokenizer
   launch     multi-node jobs: torchrun, DeepSpeed hostfile, SLURM; preflight; restarts
-  eval       evaluate a checkpoint (val loss, media gain, caption accuracy)
-  generate   continue a prompt (with --image / --audio) from a checkpoint
+  eval       evaluate a checkpoint (val loss, media gain, caption accuracy, generation gains)
+  generate   continue a prompt (with --image / --audio), or draw a picture / a sound for a caption
+             (--image-out / --audio-out) from a checkpoint
   export     consolidated safetensors + config from a checkpoint
 
 `mmtrain <command> --help` explains each.

@@ -140,6 +140,28 @@ def test_stored_codes_are_used_when_the_fingerprint_matches_and_equal_on_the_fly
     with pytest.raises(SampleError, match="image codes member"):
         tokenize_document(parse_sample("k", members), TOK, SPEC, max_image_pixels=10**6,
                           codes=codes, decisions=[GENERATE, INPUT], use_stored=frozenset({"image"}))
+    # data.codes=stored: an item without its codes member is a bad sample, never encoded quietly.
+    del members["png" + CODES_SUFFIX]
+    strict = MediaCodes(data_cfg(demo_corpus, tokenizers, codes="stored"), SPEC)
+    with pytest.raises(SampleError, match="no codes member"):
+        tokenize_document(parse_sample("k", members), TOK, SPEC, max_image_pixels=10**6,
+                          codes=strict, decisions=[GENERATE, INPUT], use_stored=frozenset({"image"}))
+
+
+def test_an_items_codes_do_not_depend_on_the_batch_it_is_encoded_in(demo_corpus, tokenizers):
+    """tokenize-media encodes in batches, the loader one item at a time: same codes."""
+    from data_tools.synth import make_audio, make_image
+    import random
+
+    from mmtrain.media_tokenizers import load_tokenizer
+
+    for kind, make in (("image", make_image), ("audio", make_audio)):
+        tok = load_tokenizer(tokenizers / kind, kind=kind)
+        x = torch.from_numpy(np.stack([tok.input_from_bytes(make(random.Random(i))[0])
+                                       for i in range(48)]))
+        alone = torch.cat([tok.encode(x[i:i + 1]) for i in range(len(x))])
+        assert torch.equal(alone, tok.encode(x)) and torch.equal(alone, torch.cat(
+            [tok.encode(x[i:i + 5]) for i in range(0, len(x), 5)]))
 
 
 def test_code_targets_weigh_code_loss_weight_in_the_loss(demo_corpus, tokenizers):

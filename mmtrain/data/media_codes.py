@@ -122,6 +122,9 @@ class MediaCodes:
                 raise SampleError(f"{kind} codes member holds {codes.size} codes up to "
                                   f"{codes.max() if codes.size else None}; the tokenizer makes "
                                   f"{self.length[kind]} below {self.codebook[kind]}")
+        elif use_stored and self.mode == "stored":
+            raise SampleError(f"{kind} item has no codes member (data.codes=stored; the dataset "
+                              "was tokenized: was the sample changed since?)")
         else:
             codes = self.encode(kind, data)
         return codes.astype(np.int64) + self.first[kind]

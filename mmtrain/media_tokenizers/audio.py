@@ -25,7 +25,8 @@ from torch import nn
 from vector_quantize_pytorch import FSQ
 
 from mmtrain.data.decode import mono_clip
-from mmtrain.media_tokenizers.layers import Decoder, Encoder, check_architecture
+from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architecture,
+                                             encode_batch_independent)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,8 +190,7 @@ class AudioTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, x_BMF: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel [B, M, F] → codes [B, f] int64 in [0, codebook_size)."""
-        _, codes = self.quantizer(self.encoder(x_BMF))
-        return codes.long()
+        return encode_batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_BMF)
 
     @torch.no_grad()
     def decode(self, codes_Bf: torch.Tensor) -> torch.Tensor:

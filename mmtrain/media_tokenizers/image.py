@@ -20,7 +20,8 @@ from vector_quantize_pytorch import FSQ
 
 from mmtrain.data.config import MediaSpec
 from mmtrain.data.decode import decode_image
-from mmtrain.media_tokenizers.layers import Decoder, Encoder, check_architecture
+from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architecture,
+                                             encode_batch_independent)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,8 +110,7 @@ class ImageTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] → codes [B, h, w] int64 in [0, codebook_size)."""
-        _, codes = self.quantizer(self.encoder(x_B3HW))
-        return codes.long()
+        return encode_batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_B3HW)
 
     @torch.no_grad()
     def decode(self, codes_Bhw: torch.Tensor) -> torch.Tensor:
