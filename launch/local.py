@@ -160,7 +160,7 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
     return code
 
 
-def show_demo_generations(cfg: RunConfig, count: int = 24) -> None:
+def show_demo_generations(cfg: RunConfig, count: int = 48) -> None:
     """The demo's last word: pictures and sounds its model generates for demo captions, judged
     against their captions and against chance (data_tools/synth_showcase.py)."""
     from data_tools.synth_showcase import showcase, summary

@@ -14,7 +14,7 @@ continuation does not depend on the other prompts of the batch.
 
 Media output (`--image-out x.png`, `--audio-out y.wav`; `generate_media` + `media_bytes`): the
 prompt is a caption, laid out as in training, `<bos> caption <|image_begin|>`; the model then
-samples exactly the tokenizer's number of codes (64 for an 8x8 image, 25 for audio) among that
+samples exactly the tokenizer's number of codes (16 for a 4x4 image, 25 for audio) among that
 kind's code ids only, batched over prompts with the KV cache, optionally with classifier-free
 guidance (--cfg) against the caption-dropped prompt `<bos> <|image_begin|>` in the same batch.
 The run's media tokenizer (checked against the fingerprint the checkpoint recorded) decodes the

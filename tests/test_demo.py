@@ -41,9 +41,11 @@ def test_the_demo_learns_to_understand_and_to_generate_pictures_and_sounds(tmp_p
         assert found, f"no '{name} gain' in the output:\n{out[-3000:]}"
         return float(found[-1])
 
-    assert gain("media") > 0.05, out[-3000:]
-    assert gain("image-generation") > 0.02, out[-3000:]
-    assert gain("audio-generation") > 0.02, out[-3000:]
+    # Measured on 2 quiet cores: media +0.23, image +0.75, audio +0.17 (240 steps); README has
+    # the figures of the shipped 280 steps. ~0 would mean the media / captions are ignored.
+    assert gain("media") > 0.1, out[-3000:]
+    assert gain("image-generation") > 0.3, out[-3000:]
+    assert gain("audio-generation") > 0.08, out[-3000:]
 
     # Generated pictures show the named colours in the named places, generated sounds the named
     # number of beeps at the named pitch, more often than chance (judged by data_tools/synth_judge).

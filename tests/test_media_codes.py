@@ -68,10 +68,10 @@ def test_a_generated_item_follows_its_caption_as_begin_codes_end(demo_corpus, to
     ids = generated.tokens.tolist()
     assert ids[:1 + len(caption)] == [TOK.bos] + caption
     span = ids[1 + len(caption):]
-    assert span[0] == TOK.image_begin and span[65] == TOK.image_end and span[66:] == [TOK.eos]
-    assert all(first <= i < stop for i in span[1:65]) and not generated.media
+    assert span[0] == TOK.image_begin and span[17] == TOK.image_end and span[18:] == [TOK.eos]
+    assert all(first <= i < stop for i in span[1:17]) and not generated.media
     assert not generated.caption.any()  # a caption before its item is no media-gain caption
-    assert generated.code_spans == [(1 + len(caption), 1 + len(caption) + 65)]
+    assert generated.code_spans == [(1 + len(caption), 1 + len(caption) + 17)]
     unconditional = tokenize_document(pair(), TOK, SPEC, max_image_pixels=10**6, codes=codes,
                                       decisions=[GENERATE_UNCONDITIONAL, INPUT])
     assert unconditional.tokens.tolist() == [TOK.bos] + span  # caption dropped, same codes
@@ -100,13 +100,13 @@ def test_packing_never_cuts_a_code_span(demo_corpus, tokenizers):
     codes = MediaCodes(data_cfg(demo_corpus, tokenizers), SPEC)
     doc = tokenize_document(pair("x" * 40), TOK, SPEC, max_image_pixels=10**6, codes=codes,
                             decisions=[GENERATE, INPUT])
-    assert len(doc) == 1 + 40 + 66 + 1
-    packer = Packer(80, pad_id=TOK.pad, placeholder_ids=(TOK.image, TOK.audio))
+    assert len(doc) == 1 + 40 + 18 + 1
+    packer = Packer(50, pad_id=TOK.pad, placeholder_ids=(TOK.image, TOK.audio))
     packer.add(doc)
     packer.flush()
     first, second = packer.rows()  # the cut moved back to the span's <image_begin>
     assert first.real_tokens == 41 and TOK.image_begin not in first.tokens
-    assert second.tokens[0] == TOK.image_begin and second.tokens[65] == TOK.image_end
+    assert second.tokens[0] == TOK.image_begin and second.tokens[17] == TOK.image_end
 
 
 def test_mismatched_codebook_and_missing_stored_codes_are_refused(demo_corpus, tokenizers):
@@ -123,7 +123,7 @@ def test_stored_codes_are_used_when_the_fingerprint_matches_and_equal_on_the_fly
     codes = MediaCodes(data_cfg(demo_corpus, tokenizers), SPEC)
     on_the_fly = codes.encode("image", png())
     members = {"png": png(), "txt": b"a red square.",
-               "png" + CODES_SUFFIX: codes_to_npy(on_the_fly.reshape(8, 8))}
+               "png" + CODES_SUFFIX: codes_to_npy(on_the_fly.reshape(4, 4))}
     doc = parse_sample("k", members)
     recorded = {"media_codes": {"image": {"fingerprint": codes.fingerprints["image"]}}}
     assert codes.stored_kinds(recorded) == {"image"}
@@ -174,7 +174,7 @@ def test_code_targets_weigh_code_loss_weight_in_the_loss(demo_corpus, tokenizers
         packer.add(doc)
     packer.flush()
     batch = collate_rows(list(packer.rows()), SPEC, image_token=TOK.image, audio_token=TOK.audio)
-    assert batch.counts["code_targets"] == 64  # the 64 codes (<image_end> is a text id)
+    assert batch.counts["code_targets"] == 16  # the 4x4 codes (<image_end> is a text id)
     torch.manual_seed(0)
     model = FusionTransformer(dataclasses.replace(MODEL, code_loss_weight=3.0))
     per_token = model.token_losses(batch).reshape(-1)
@@ -213,7 +213,7 @@ def test_generation_gain_sets_hold_the_same_codes_with_other_captions(demo_corpu
             return [t for b in batches for t in b.targets[(b.targets >= first) & (b.targets < stop)]
                     .tolist()]
 
-        assert len(code_targets(true)) == 6 * (64 if kind == "image" else 25)
+        assert len(code_targets(true)) == 6 * (16 if kind == "image" else 25)
         assert code_targets(true) == code_targets(shuffled)
         texts = [TOK.decode(b.tokens[r].tolist()) for b in true for r in range(b.num_rows)]
         shuffled_texts = [TOK.decode(b.tokens[r].tolist()) for b in shuffled

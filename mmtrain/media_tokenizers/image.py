@@ -27,7 +27,10 @@ from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architectur
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageTokenizerConfig:
     image_size: int = 32  # the demo's images (data_tools/synth.py, model.image_size of `tiny`)
-    channels: tuple[int, ...] = (32, 64)  # widths per stage: 32 px → 16 → 8 (grid 8×8)
+    # Widths per stage: 32 px → 16 → 8 → 4 (grid 4×4: 16 codes of 8×8 pixels). On the demo
+    # images this reconstructs at 24.1 dB PSNR against 24.4 dB for an 8×8 grid ((32, 64)), with a
+    # quarter of the codes for the model to generate (docs/architecture.md).
+    channels: tuple[int, ...] = (32, 64, 128)
     levels: tuple[int, ...] = (8, 5, 5, 5)  # FSQ levels: 1000 codes
 
     def __post_init__(self) -> None:
