@@ -70,6 +70,16 @@ def ensure_demo_data(cfg: RunConfig) -> None:
     if cfg.data.synth_if_missing:
         build_demo_tokenizers(cfg)
     check_local_datasets(cfg)
+    check_media_tokenizers(cfg)
+
+
+def check_media_tokenizers(cfg: RunConfig) -> None:
+    """Configured media tokenizers exist, are intact (fingerprint) and fit the model's codes:
+    checked here, before any rank starts, as each rank checks again (mmtrain/data/media_codes.py)."""
+    if cfg.data.image_tokenizer or cfg.data.audio_tokenizer:
+        from mmtrain.data.media_codes import MediaCodes
+
+        MediaCodes(cfg.data, cfg.model.media())
 
 
 def build_demo_data(cfg: RunConfig) -> None:

@@ -241,3 +241,23 @@ def test_stored_codes_from_tokenize_media_give_the_batches_of_on_the_fly_codes(d
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.targets, b.targets)
     for loader in loaders:
         loader.close()
+
+
+def test_a_missing_or_misfit_tokenizer_stops_mmtrain_train_before_any_rank_starts(demo_corpus,
+                                                                                    tokenizers,
+                                                                                    tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env, tiny_train_cmd
+
+    for settings, message in (
+            ({"data.image_tokenizer": tmp_path / "nowhere", "model.image_codes": 1000,
+              "data.synth_if_missing": "false"},  # the demo would train it: not here
+             "config.json is missing"),
+            ({"data.image_tokenizer": tokenizers / "image", "model.image_codes": 512},
+             "set model.image_codes=1000")):
+        cmd = tiny_train_cmd(demo_corpus, tmp_path / "runs", "bad", settings)
+        proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "runs" / "bad" / "logs").exists()  # no rank started
