@@ -211,7 +211,7 @@ def same_batches(stored: list, encoded: list, spec: MediaSpec) -> tuple[int, int
     tokenize-media encodes a batch of items, the loader one item; on the CPU the convolutions of a
     batch of 1 run other kernels than larger batches (last-bit differences that flipped 3 of 1655
     images by one code before the tokenizers encoded a lone item as a pair of copies:
-    `encode_batch_independent`). Now none may differ (CODES_MAY_DIFFER = 0)."""
+    `mmtrain.media_tokenizers.layers.batch_independent`). Now none may differ (CODES_MAY_DIFFER = 0)."""
     if len(stored) != len(encoded):
         raise SystemExit(f"benchmark G: {len(stored)} batches vs {len(encoded)}")
     differ = codes = 0

@@ -135,6 +135,7 @@ def device_kind(cfg: RunConfig) -> str:
 
 
 def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> int:
+    resolve_backend(cfg.engine, cfg.launch.device)  # e.g. launch.device=cuda without a GPU: stop now
     ensure_demo_data(cfg)
     run_dir = cfg.train.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,6 @@ def run_local(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None)
     save_config(cfg, config_path)
     nproc = cfg.launch.nproc
     kind = device_kind(cfg)
-    resolve_backend(cfg.engine, cfg.launch.device)  # e.g. launch.device=cuda without a GPU: stop now
     if kind == "cuda" and torch.cuda.device_count() < nproc:
         raise ValueError(f"launch.nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
     threads = cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)

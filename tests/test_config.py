@@ -12,7 +12,14 @@ def test_defaults_are_the_tiny_recipe():
     demo = load_config(None)
     assert demo == load_config(CONFIG_DIR / "tiny.yaml") and demo.data.synth_if_missing
     assert not RunConfig().data.synth_if_missing
-    assert demo == RunConfig(data=dataclasses.replace(RunConfig().data, synth_if_missing=True))
+    # The demo is the defaults, plus building its data and media tokenizers, and generating media.
+    defaults = RunConfig()
+    assert demo == RunConfig(
+        model=dataclasses.replace(defaults.model, image_codes=1000, audio_codes=1000),
+        data=dataclasses.replace(defaults.data, synth_if_missing=True,
+                                 image_tokenizer="data/demo/tokenizers/image",
+                                 audio_tokenizer="data/demo/tokenizers/audio"),
+        train=dataclasses.replace(defaults.train, steps=280))
     for name in ("125m", "350m", "1b", "7b"):
         assert not load_config(CONFIG_DIR / f"{name}.yaml").data.synth_if_missing
 

@@ -69,7 +69,7 @@ def test_round_trip_shapes_and_media_out():
     x_img = torch.from_numpy(np.stack([image.input_from_bytes(png)] * 2))
     assert tuple(x_img.shape) == (2, 3, 32, 32) and x_img.min() >= -1 and x_img.max() <= 1
     codes = image.encode(x_img)
-    assert codes.shape == (2, 4, 4) and image.code_shape == (4, 4) and image.codebook_size == 1000
+    assert codes.shape == (2, 8, 8) and image.code_shape == (8, 8) and image.codebook_size == 1000
     assert codes.dtype == torch.int64 and 0 <= int(codes.min()) and int(codes.max()) < 1000
     pixels = image.decode(codes)
     assert pixels.shape == (2, 3, 32, 32) and pixels.abs().max() <= 1
@@ -89,7 +89,7 @@ def test_round_trip_shapes_and_media_out():
     raws = np.stack([audio.raw_from_bytes(wav), audio.raw_from_bytes(other)])
     assert np.allclose(audio.features(raws)[0], x_aud[0].numpy(), atol=1e-5)
 
-    with pytest.raises(ValueError, match=r"decodes \[B, 4, 4\]"):
+    with pytest.raises(ValueError, match=r"decodes \[B, 8, 8\]"):
         image.decode(torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="outside"):
         audio.decode(torch.full((1, 25), 1000))
@@ -153,7 +153,7 @@ def test_training_improves_reconstruction(trained):
     audio = read_tokenizer_info(out / "audio")
     assert image["quality"]["psnr_db"] > image["quality"]["at_init"] + 3, image["quality"]
     assert audio["quality"]["mel_distance_db"] < audio["quality"]["at_init"] - 3, audio["quality"]
-    assert image["code_shape"] == [4, 4] and audio["code_shape"] == [25]
+    assert image["code_shape"] == [8, 8] and audio["code_shape"] == [25]
     assert image["training"]["steps"] == 60 and image["quality"]["items"] > 0
     assert f"PSNR {image['quality']['psnr_db']:.2f} dB" in printed["image"]
     assert f"mel distance {audio['quality']['mel_distance_db']:.2f} dB" in printed["audio"]

@@ -115,7 +115,8 @@ def test_the_loader_pins_batches_bound_for_a_gpu(monkeypatch, demo_corpus):
     assert isinstance(item, LoaderItem) and item.states == {0: {"epoch": 1}}
     assert len(pinned) == sum(isinstance(v, torch.Tensor) for v in batch.__dict__.values())
     cfg = load_config(None, [f"data.train={demo_corpus / 'train'}", "data.num_streams=2",
-                             "data.num_workers=0"])
+                             "data.num_workers=0", 'data.image_tokenizer=""',
+                             'data.audio_tokenizer=""'])
     tok = build_tokenizer(cfg.data.tokenizer)
     for pin in (False, True):
         loader = ShardLoader(cfg.data, spec=cfg.model.media(), tokenizer=tok, rank=0, world_size=1,

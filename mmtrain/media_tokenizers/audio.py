@@ -26,7 +26,7 @@ from vector_quantize_pytorch import FSQ
 
 from mmtrain.data.decode import mono_clip
 from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architecture,
-                                             encode_batch_independent)
+                                             batch_independent)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -190,7 +190,7 @@ class AudioTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, x_BMF: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel [B, M, F] → codes [B, f] int64 in [0, codebook_size)."""
-        return encode_batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_BMF)
+        return batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_BMF)
 
     @torch.no_grad()
     def decode(self, codes_Bf: torch.Tensor) -> torch.Tensor:
@@ -201,8 +201,8 @@ class AudioTokenizer(nn.Module):
         if codes_Bf.numel() and (int(codes_Bf.min()) < 0
                                  or int(codes_Bf.max()) >= self.codebook_size):
             raise ValueError(f"audio codes outside [0, {self.codebook_size})")
-        z_hat = self.quantizer.indices_to_codes(codes_Bf.long())  # [B, d, f] (channel first)
-        return self.decoder(z_hat).clamp_min(-1.0)
+        return batch_independent(  # z [B, d, f] (channel first) → log-mel
+            lambda c: self.decoder(self.quantizer.indices_to_codes(c)).clamp_min(-1.0), codes_Bf.long())
 
     # ---- training objective and quality
     @staticmethod

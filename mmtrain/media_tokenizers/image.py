@@ -21,7 +21,7 @@ from vector_quantize_pytorch import FSQ
 from mmtrain.data.config import MediaSpec
 from mmtrain.data.decode import decode_image
 from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architecture,
-                                             encode_batch_independent)
+                                             batch_independent)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,14 +113,14 @@ class ImageTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] → codes [B, h, w] int64 in [0, codebook_size)."""
-        return encode_batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_B3HW)
+        return batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_B3HW)
 
     @torch.no_grad()
     def decode(self, codes_Bhw: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] → pixels [B, 3, H, W] in [-1, 1]."""
         self._check_codes(codes_Bhw)
-        z_hat = self.quantizer.indices_to_codes(codes_Bhw.long())  # [B, d, h, w]
-        return self.decoder(z_hat).clamp(-1, 1)
+        return batch_independent(  # z [B, d, h, w] → pixels
+            lambda c: self.decoder(self.quantizer.indices_to_codes(c)).clamp(-1, 1), codes_Bhw.long())
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         if tuple(codes.shape[1:]) != self.code_shape:

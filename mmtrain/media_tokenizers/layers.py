@@ -88,15 +88,16 @@ def check_architecture(section: str, channels: tuple[int, ...], levels: tuple[in
                          "(codes are stored as uint16)")
 
 
-def encode_batch_independent(encode, x: torch.Tensor) -> torch.Tensor:
-    """`encode(x)` whose result for an item does not depend on the batch it is in.
+def batch_independent(fn, x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` (encode or decode) whose result for an item does not depend on the batch it is in.
 
     On the CPU, convolutions of a batch of one take other kernels than larger batches, whose
     results differ in the last bits; an item whose latent sits on a quantizer rounding boundary then
-    gets another code (seen for ~0.2 % of the demo images, one code each). tokenize-media encodes in
-    batches and the loader one item at a time, so a lone item is encoded as a pair of copies.
+    gets another code (seen for ~0.2 % of the demo images, one code each), and a decoded picture
+    another PNG. tokenize-media encodes in batches and the loader one item at a time; generate
+    decodes its prompts together. So a lone item goes through as a pair of copies.
     """
     if x.shape[0] != 1:
-        return encode(x)
-    return encode(torch.cat([x, x]))[:1]
+        return fn(x)
+    return fn(torch.cat([x, x]))[:1]
 

@@ -15,7 +15,9 @@ from mmtrain.config import load_config
 # The tiny model of tests/test_e2e.py; threads pinned so one node and two nodes compute the same.
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "data.seq_len=256", "data.micro_batch_size=2", "data.num_streams=4", "data.num_workers=0",
-        "train.log_every=1", "train.eval_batches=0", "launch.threads_per_rank=1"]
+        "train.log_every=1", "train.eval_batches=0", "launch.threads_per_rank=1",
+        'data.image_tokenizer=""', 'data.audio_tokenizer=""', "model.image_codes=0",
+        "model.audio_codes=0"]  # no media generation (tests/conftest.py, TINY_SETTINGS)
 
 
 def sets(*overrides: str) -> list[str]:
