@@ -21,12 +21,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
-from vector_quantize_pytorch import FSQ
 
 from mmtrain.data.decode import mono_clip
-from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architecture,
-                                             batch_independent)
+from mmtrain.media_tokenizers.layers import FSQAutoencoder, check_architecture
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,18 +121,13 @@ class GriffinLimVocoder:
         return np.clip(wave, -1.0, 1.0).astype(np.float32)
 
 
-class AudioTokenizer(nn.Module):
+class AudioTokenizer(FSQAutoencoder):
     kind = "audio"
     quality_name = "mel_distance_db"  # lower is better
-    fingerprint = ""  # set by load_tokenizer (files.py)
 
     def __init__(self, config: AudioTokenizerConfig) -> None:
-        super().__init__()
+        super().__init__(1, config.n_mels, config.channels, config.levels)
         self.config = config
-        d = len(config.levels)
-        self.encoder = Encoder(1, config.n_mels, config.channels, d)
-        self.quantizer = FSQ(levels=list(config.levels), dim=d, channel_first=True)
-        self.decoder = Decoder(1, config.n_mels, config.channels, d)
 
     # ---- shapes
     @property
@@ -181,16 +173,7 @@ class AudioTokenizer(nn.Module):
         soundfile.write(buf, wave, sample_rate, format="WAV", subtype="PCM_16")
         return buf.getvalue()
 
-    # ---- the model
-    def forward(self, x_BMF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction [B, M, F], codes [B, f] int64); for training."""
-        z_hat, codes = self.quantizer(self.encoder(x_BMF))
-        return self.decoder(z_hat), codes.long()
-
-    @torch.no_grad()
-    def encode(self, x_BMF: torch.Tensor) -> torch.Tensor:
-        """Normalised log-mel [B, M, F] → codes [B, f] int64 in [0, codebook_size)."""
-        return batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_BMF)
+    # ---- the model (forward, encode: FSQAutoencoder; log-mel [B, M, F] ↔ codes [B, f])
 
     @torch.no_grad()
     def decode(self, codes_Bf: torch.Tensor) -> torch.Tensor:
@@ -201,8 +184,7 @@ class AudioTokenizer(nn.Module):
         if codes_Bf.numel() and (int(codes_Bf.min()) < 0
                                  or int(codes_Bf.max()) >= self.codebook_size):
             raise ValueError(f"audio codes outside [0, {self.codebook_size})")
-        return batch_independent(  # z [B, d, f] (channel first) → log-mel
-            lambda c: self.decoder(self.quantizer.indices_to_codes(c)).clamp_min(-1.0), codes_Bf.long())
+        return self._decode(codes_Bf, lambda x: x.clamp_min(-1.0))
 
     # ---- training objective and quality
     @staticmethod

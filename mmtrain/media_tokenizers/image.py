@@ -15,13 +15,10 @@ import io
 
 import numpy as np
 import torch
-from torch import nn
-from vector_quantize_pytorch import FSQ
 
 from mmtrain.data.config import MediaSpec
 from mmtrain.data.decode import decode_image
-from mmtrain.media_tokenizers.layers import (Decoder, Encoder, check_architecture,
-                                             batch_independent)
+from mmtrain.media_tokenizers.layers import FSQAutoencoder, check_architecture
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,18 +47,13 @@ class ImageTokenizerConfig:
         return side, side
 
 
-class ImageTokenizer(nn.Module):
+class ImageTokenizer(FSQAutoencoder):
     kind = "image"
     quality_name = "psnr_db"  # higher is better
-    fingerprint = ""  # set by load_tokenizer (files.py)
 
     def __init__(self, config: ImageTokenizerConfig) -> None:
-        super().__init__()
+        super().__init__(2, 3, config.channels, config.levels)
         self.config = config
-        d = len(config.levels)
-        self.encoder = Encoder(2, 3, config.channels, d)
-        self.quantizer = FSQ(levels=list(config.levels), dim=d)
-        self.decoder = Decoder(2, 3, config.channels, d)
 
     # ---- shapes
     @property
@@ -104,23 +96,12 @@ class ImageTokenizer(nn.Module):
         Image.fromarray(hwc, "RGB").save(buf, format="PNG")
         return buf.getvalue()
 
-    # ---- the model
-    def forward(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction [B, 3, H, W] unclamped, codes [B, h, w] int64); for training."""
-        z_hat, codes = self.quantizer(self.encoder(x_B3HW))
-        return self.decoder(z_hat), codes.long()
-
-    @torch.no_grad()
-    def encode(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] → codes [B, h, w] int64 in [0, codebook_size)."""
-        return batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_B3HW)
-
+    # ---- the model (forward, encode: FSQAutoencoder; pixels [B, 3, H, W] ↔ codes [B, h, w])
     @torch.no_grad()
     def decode(self, codes_Bhw: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] → pixels [B, 3, H, W] in [-1, 1]."""
         self._check_codes(codes_Bhw)
-        return batch_independent(  # z [B, d, h, w] → pixels
-            lambda c: self.decoder(self.quantizer.indices_to_codes(c)).clamp(-1, 1), codes_Bhw.long())
+        return self._decode(codes_Bhw, lambda x: x.clamp(-1, 1))
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         if tuple(codes.shape[1:]) != self.code_shape:

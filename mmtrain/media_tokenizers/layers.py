@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from vector_quantize_pytorch import FSQ
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -86,6 +87,36 @@ def check_architecture(section: str, channels: tuple[int, ...], levels: tuple[in
     if size > 65536:
         raise ValueError(f"{section}.levels={list(levels)} give {size} codes; at most 65536 "
                          "(codes are stored as uint16)")
+
+
+class FSQAutoencoder(nn.Module):
+    """Encoder → FSQ → decoder over `dims` spatial dimensions: the network both tokenizers share.
+    Subclasses add their shapes, the conversions from bytes and back, and their quality measure."""
+
+    fingerprint = ""  # set by load_tokenizer (files.py)
+
+    def __init__(self, dims: int, in_channels: int, channels: tuple[int, ...],
+                 levels: tuple[int, ...]) -> None:
+        super().__init__()
+        d = len(levels)
+        self.encoder = Encoder(dims, in_channels, channels, d)
+        self.quantizer = FSQ(levels=list(levels), dim=d, channel_first=True)
+        self.decoder = Decoder(dims, in_channels, channels, d)
+
+    def forward(self, x_BCS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, unclamped; codes int64); for training."""
+        z_hat, codes = self.quantizer(self.encoder(x_BCS))
+        return self.decoder(z_hat), codes.long()
+
+    @torch.no_grad()
+    def encode(self, x_BCS: torch.Tensor) -> torch.Tensor:
+        """Inputs [B, C, *S] → codes [B, *S'] int64 in [0, codebook_size)."""
+        return batch_independent(lambda x: self.quantizer(self.encoder(x))[1].long(), x_BCS)
+
+    def _decode(self, codes: torch.Tensor, finish) -> torch.Tensor:
+        """Codes → `finish(decoder output)` (the subclass's clamp), batch-independent."""
+        return batch_independent(
+            lambda c: finish(self.decoder(self.quantizer.indices_to_codes(c))), codes.long())
 
 
 def batch_independent(fn, x: torch.Tensor) -> torch.Tensor:
