@@ -17,7 +17,7 @@ import torch
 
 from mmtrain import kernels
 from mmtrain.data.batch import Batch
-from mmtrain.data.loader import eval_batches, generation_eval_batches
+from mmtrain.data.loader import eval_batches, generation_eval_batches, media_codes_for
 from mmtrain.data.tokenizer import build_tokenizer
 from mmtrain.evaluate import evaluate, generation_gains
 from mmtrain.export import load_checkpoint_model
@@ -64,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     if num_batches < 1:
         raise ValueError(f"--batches={num_batches} must be >= 1")
     tokenizer = build_tokenizer(cfg.data.tokenizer)
+    codes = media_codes_for(cfg.data, cfg.model.media())  # the run's media tokenizers, read once
     batches = eval_batches(val, cfg.data, spec=cfg.model.media(), tokenizer=tokenizer, rank=0,
-                           world_size=1, num_batches=num_batches)
+                           world_size=1, num_batches=num_batches, codes=codes)
     result = evaluate(model.token_losses, batches, torch.device("cpu"), None)
     result.update(accuracy(model.logits_at, batches))
     # Generation gains of the kinds the run generates (its media tokenizers, data.*_tokenizer).
     generation = generation_eval_batches(val, cfg.data, spec=cfg.model.media(), tokenizer=tokenizer,
-                                         rank=0, world_size=1, items_per_kind=8 * num_batches)
+                                         rank=0, world_size=1, items_per_kind=8 * num_batches,
+                                         codes=codes)
     result.update(generation_gains(model.token_losses, generation,
                                    {kind: cfg.model.code_range(kind) for kind in generation},
                                    torch.device("cpu"), None))

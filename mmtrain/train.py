@@ -85,13 +85,15 @@ def train(cfg: RunConfig, *, fresh: bool = False, resume: str | None = None) -> 
                                 peer_timeout_s=60.0 * cfg.engine.timeout_minutes)
     metrics = MetricsLogger(run_dir, enabled=rank == 0, total_steps=cfg.train.steps)
     val = (eval_batches(cfg.data.val, cfg.data, spec=spec, tokenizer=tokenizer, rank=rank,
-                        world_size=world, num_batches=cfg.train.eval_batches)
+                        world_size=world, num_batches=cfg.train.eval_batches,
+                        codes=loader.plan.codes)
            if cfg.data.val and cfg.train.eval_batches else [])
     # The generation gains (caption → image / audio codes), on items of the same held-out split.
     generated = {kind: cfg.model.code_range(kind) for kind in loader.media_tokenizers()}
     val_generation = (generation_eval_batches(cfg.data.val, cfg.data, spec=spec, tokenizer=tokenizer,
                                               rank=rank, world_size=world,
-                                              items_per_kind=8 * cfg.train.eval_batches)
+                                              items_per_kind=8 * cfg.train.eval_batches,
+                                              codes=loader.plan.codes)
                       if val and generated else {})
 
     step = 0

@@ -204,7 +204,7 @@ def test_the_loader_state_records_the_tokenizers_and_refuses_other_ones(demo_cor
 def test_generation_gain_sets_hold_the_same_codes_with_other_captions(demo_corpus, tokenizers):
     cfg = data_cfg(demo_corpus, tokenizers)
     sets = generation_eval_batches(cfg.val, cfg, spec=SPEC, tokenizer=TOK, rank=0, world_size=1,
-                                   items_per_kind=6)
+                                   items_per_kind=6, codes=MediaCodes(cfg, SPEC))
     assert set(sets) == {"image", "audio"}
     for kind, (true, shuffled) in sets.items():
         first, stop = MODEL.code_range(kind)

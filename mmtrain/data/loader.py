@@ -823,12 +823,14 @@ def single_threaded_children() -> Iterator[None]:
 
 
 def eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec, tokenizer: Tokenizer,
-                 rank: int, world_size: int, num_batches: int) -> list[Batch]:
+                 rank: int, world_size: int, num_batches: int,
+                 codes: MediaCodes | None) -> list[Batch]:
     """A fixed set of held-out batches: documents in shard order, striped over ranks, never split
-    across rows (a caption always sees its media). Cycles over the split if it is small."""
+    across rows (a caption always sees its media). Cycles over the split if it is small.
+    `codes`: the run's MediaCodes (the training loader's `plan.codes`, or `media_codes_for`)."""
     eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_shards=1,
                                    shuffle_buffer=1)
-    plan = StreamPlan(eval_cfg, media_codes_for(cfg, spec))
+    plan = StreamPlan(eval_cfg, codes)
     shards = plan.sets[0]
     stream = LogicalStream(0, plan, eval_cfg, spec, tokenizer, StreamState(), policy="drop")
     batches: list[Batch] = []
@@ -855,15 +857,16 @@ def eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec, tokenizer:
 
 def generation_eval_batches(directory: str, cfg: DataConfig, *, spec: MediaSpec,
                             tokenizer: Tokenizer, rank: int, world_size: int,
-                            items_per_kind: int) -> dict[str, tuple[list[Batch], list[Batch]]]:
+                            items_per_kind: int, codes: MediaCodes | None
+                            ) -> dict[str, tuple[list[Batch], list[Batch]]]:
     """Held-out batches for the generation gains: {kind: (true batches, shuffled batches)}.
 
     Every media item of a generated kind that has a caption (the text right after it) becomes the
     document `<bos> caption <begin> codes <end> <eos>`; the shuffled set gives each item the
     caption of the next item of its kind instead. Both sets hold the same code targets. Items are
-    striped over ranks in shard order; at most `items_per_kind` per kind on this rank.
+    striped over ranks in shard order; at most `items_per_kind` per kind on this rank. `codes` as
+    for eval_batches (None: no kind is generated).
     """
-    codes = media_codes_for(cfg, spec)
     if codes is None:
         return {}
     eval_cfg = dataclasses.replace(cfg, train=directory, mix={}, num_streams=1, shuffle_shards=1,
