@@ -94,10 +94,9 @@ def collate_rows(rows: list[Row], spec: MediaSpec, *, image_token: int, audio_to
     audio_tokens, audio_index = stacked("audio", spec.tokens_per_audio, spec.audio_token_dim)
     real = sum(r.real_tokens for r in rows)
     targets = np.stack([r.targets for r in rows])
-    code_targets = targets >= spec.text_vocab if spec.image_codes + spec.audio_codes else \
-        np.zeros_like(targets, bool)
-    code_tokens = tokens >= spec.text_vocab if spec.image_codes + spec.audio_codes else \
-        np.zeros_like(tokens, bool)
+    has_codes = spec.image_codes + spec.audio_codes > 0  # without codes text_vocab may be unset (0)
+    code_targets = (targets >= spec.text_vocab) & has_codes
+    code_tokens = (tokens >= spec.text_vocab) & has_codes
     counts = {
         "rows": len(rows),
         "docs": sum(len(r.doc_lens) - (r.real_tokens < T) for r in rows),

@@ -126,9 +126,9 @@ class StreamPlan:
         self.sets = [ShardSet(base, allow_pipe=cfg.allow_pipe) for base in sources]
         # Media generation: the run's MediaCodes, and per dataset the kinds whose stored codes
         # members it may use (the dataset recorded the configured tokenizer's fingerprint).
-        self.codes = codes if codes else None
-        self.stored_codes = [codes.stored_kinds({"media_codes": s.media_codes}) if codes
-                             else frozenset() for s in self.sets]
+        self.codes = codes
+        self.stored_codes = [codes.stored_kinds({"media_codes": s.media_codes})
+                             if codes is not None else frozenset() for s in self.sets]
         total = float(sum(sources.values()))
         self.weights = [w / total for w in sources.values()]
         self.per_dataset = cfg.num_streams
@@ -735,7 +735,7 @@ class ShardLoader:
 
     def media_tokenizers(self) -> dict[str, str]:
         """{kind: fingerprint} of the media tokenizers whose codes this run trains on."""
-        return dict(self.plan.codes.fingerprints) if self.plan.codes else {}
+        return dict(self.plan.codes.fingerprints) if self.plan.codes is not None else {}
 
     def epochs(self) -> float:
         """The lowest epoch any of this rank's streams is in (for reporting)."""

@@ -70,9 +70,6 @@ class MediaCodes:
             self.length[kind] = int(np.prod(info["code_shape"]))
             self.codebook[kind] = codes
 
-    def __bool__(self) -> bool:
-        return bool(self.dirs)
-
     def __getstate__(self) -> dict[str, Any]:  # sent to decode workers without loaded networks
         return {**self.__dict__, "_tokenizers": {}}
 

@@ -57,8 +57,8 @@ def tokenize_document(doc: Document, tok: Tokenizer, spec: MediaSpec, *,
     """
     segments = doc.segments
     if decisions is None:
-        decisions = codes.decisions(doc.key, [s.type for s in segments]) if codes else \
-            [INPUT] * len(segments)
+        decisions = codes.decisions(doc.key, [s.type for s in segments]) if codes is not None \
+            else [INPUT] * len(segments)
     tokens: list[int] = [tok.bos]
     caption: list[bool] = [False]
     media: list[tuple[str, int, np.ndarray]] = []
